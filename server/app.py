@@ -1,0 +1,120 @@
+"""ServerApp: federation-wide statistics, FedAvg rounds, central evaluation, the run's outputs.
+
+The round loop is Flower's ``Strategy.start``; this module adds what happens
+around it: one query round for the EHR feature statistics (sites share sums,
+never rows), evaluation on the server's own held-out set when it has one,
+``metrics.json`` after every round, and the final model.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.record import RunRecord
+from server.strategy import build_strategy
+from shared.config import Config, dump, from_run_config
+from shared.data import load_folder, pooled_moments
+from shared.metrics import classification_metrics, ehr_only_auc
+from shared.mimic import FEATURES
+from shared.models import build_model
+from shared.train import predict
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+app = ServerApp()
+
+
+def _run_dir(cfg: Config, given: str) -> Path:
+    run_dir = Path(given) if given else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict]]:
+    """Ask every site for its EHR sums; returns node -> site name and the statistics."""
+    deadline = time.time() + 120
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < cfg.federation.min_sites and time.time() < deadline:
+        time.sleep(1)
+        nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict(), message_type="query.ehr_stats", dst_node_id=n) for n in nodes]
+    names, stats = {}, []
+    for reply in grid.send_and_receive(messages, timeout=600):
+        if reply.has_error():
+            print(f"[fedfuse] site {reply.metadata.src_node_id} failed to report statistics: {reply.error.reason}",
+                  flush=True)
+            continue
+        names[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
+        s = reply.content["stats"]
+        stats.append({k: np.asarray(s[k], np.float64) for k in ("count", "sum", "sumsq")})
+    if len(stats) < cfg.federation.min_sites:
+        raise RuntimeError(f"only {len(stats)} site(s) answered; federation.min_sites is {cfg.federation.min_sites}")
+    return names, stats
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(dict(context.run_config), APP_ROOT)
+    run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
+    dump(cfg, run_dir / "config.yaml")
+    classes = cfg.data.classes
+    started = time.time()
+
+    names, stats = _site_statistics(grid, cfg)
+    model = build_model(cfg.model, len(FEATURES), len(classes))
+    if model.ehr is not None:
+        mean, std = pooled_moments(stats)
+        model.ehr.mean.copy_(torch.from_numpy(mean))
+        model.ehr.std.copy_(torch.from_numpy(std))
+
+    holdout = None
+    if cfg.server.eval_data and Path(cfg.server.eval_data).is_dir():
+        holdout = load_folder(Path(cfg.server.eval_data), cfg.data, seed=cfg.seed)
+    header = {
+        "name": cfg.name, "model": cfg.model.name, "pairing": cfg.data.pairing, "classes": list(classes),
+        "data_root": cfg.data.root, "sites": sorted(names.values()),
+        "central_eval": cfg.server.eval_data if holdout is not None else None,
+    }
+    if cfg.data.pairing == "by_label":
+        header["leakage"] = {
+            "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
+            "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
+        }
+    record = RunRecord(run_dir, classes, header)
+    print(f"[fedfuse] {len(names)} sites: {', '.join(sorted(names.values()))}; model {cfg.model.name}, "
+          f"pairing {cfg.data.pairing}; central test set: "
+          f"{f'{len(holdout)} patches' if holdout is not None else 'none (final = federated mean)'}", flush=True)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        if holdout is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            probs, loss = predict(model, holdout)
+            record.round(server_round)["central"] = {**classification_metrics(holdout.labels, probs, classes),
+                                                     "loss": loss}
+        record.close_round(server_round, cfg.federation.rounds)
+        return None
+
+    strategy = build_strategy(cfg, record, names)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.federation.rounds,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=evaluate,
+    )
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    final = record.finish({"seconds": round(time.time() - started, 1)})
+    auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())
+    print(f"[fedfuse] final ({final['source']}): macro AUC {final.get('macro_auc', float('nan')):.3f} | "
+          f"accuracy {final.get('accuracy', float('nan')):.3f} | AUC {auc}", flush=True)
+    print(f"[fedfuse] outputs in {run_dir.resolve()}", flush=True)

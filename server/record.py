@@ -1,0 +1,79 @@
+"""What a run leaves behind: ``metrics.json`` written after every round, one printed line a round."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from shared.metrics import weighted_mean
+
+SCALARS = ("loss", "accuracy", "macro_auc", "macro_f1")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically (temporary file, then rename): a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def federated_mean(sites: dict[str, dict], classes: tuple[str, ...]) -> dict:
+    """Example-weighted mean of the sites' metrics; confusion matrices are summed."""
+    rows = list(sites.values())
+    weights = [r["n"] for r in rows]
+    out = {k: weighted_mean([r[k] for r in rows], weights) for k in SCALARS}
+    out["auc"] = {c: weighted_mean([r["auc"][c] for r in rows], weights) for c in classes}
+    k = len(classes)
+    out["confusion"] = [[sum(r["confusion"][i][j] for r in rows if "confusion" in r) for j in range(k)]
+                        for i in range(k)]
+    out["n"] = sum(weights)
+    return out
+
+
+class RunRecord:
+    """Collects per-round metrics and writes ``metrics.json`` after each round."""
+
+    def __init__(self, run_dir: Path, classes: tuple[str, ...], header: dict) -> None:
+        self.path = run_dir / "metrics.json"
+        self.classes = classes
+        self.data: dict = {**header, "rounds": [], "final": None}
+        self._pending: dict[int, dict] = {}
+
+    def round(self, r: int) -> dict:
+        return self._pending.setdefault(r, {"round": r})
+
+    def close_round(self, r: int, total: int) -> None:
+        """The round is complete: derive the federated mean, print its line, save."""
+        entry = self._pending.pop(r)
+        if entry.get("sites"):
+            entry["federated"] = federated_mean(entry["sites"], self.classes)
+        self.data["rounds"].append(entry)
+        shown = entry.get("central") or entry.get("federated")
+        source = "central" if entry.get("central") else "federated"
+        if shown:
+            mit = shown["auc"].get("mitosis", math.nan)
+            print(f"[fedfuse] round {r:>2}/{total} | train loss {entry.get('train_loss', math.nan):.3f} | "
+                  f"loss {shown['loss']:.3f} | acc {shown['accuracy']:.3f} | macro AUC {shown['macro_auc']:.3f} | "
+                  f"mitosis AUC {mit:.3f} ({source})", flush=True)
+        self.save()
+
+    def finish(self, extra: dict) -> dict:
+        """Set ``final`` from the last round: central when the server has a test set, else federated."""
+        last = self.data["rounds"][-1] if self.data["rounds"] else {}
+        if last.get("central"):
+            final = {**last["central"], "source": "central"}
+        elif last.get("federated"):
+            final = {**last["federated"], "source": "federated"}
+        else:
+            final = {"source": "none"}
+        self.data["final"] = final
+        self.data.update(extra)
+        self.save()
+        return final
+
+    def save(self) -> None:
+        write_json(self.path, self.data)

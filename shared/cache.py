@@ -1,0 +1,54 @@
+"""On-disk cache for prepared data (decoded patches, built cohorts).
+
+Preparation runs once per data version (nanoGPT's ``prepare.py`` idea): the
+key hashes the settings and each input file's name, size and modification
+time, so editing or replacing a file invalidates the entry without reading
+gigabytes to hash them. Entries are written to a temporary file and renamed,
+so a crash never leaves a half-written cache that a later round would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def fingerprint(*parts: object) -> str:
+    """Short hash of settings and files (a ``Path`` contributes its name, size and mtime)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            st = part.stat()
+            h.update(f"{part.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_arrays(
+    cache_dir: Path | None, name: str, build: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Load ``name`` from ``cache_dir`` or build, save atomically and return it. ``None``: no cache."""
+    if cache_dir is None:
+        return build()
+    path = Path(cache_dir) / f"{name}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    arrays = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return arrays

@@ -1,0 +1,287 @@
+"""One typed configuration for every part of fedfuse.
+
+YAML files in ``configs/`` load into the frozen dataclasses below; each
+component owns its section. Unknown keys and wrong types fail with the key's
+dotted path and the expected type. Overrides (``fedfuse --set a.b=v`` and
+Flower's ``--run-config "a.b=v"``) go through :func:`apply_overrides`, so both
+change the same settings in the same way.
+
+Flower's ``run_config`` holds only flat scalars: :func:`flatten` writes a
+config as dotted keys (lists and mappings as YAML text) and
+:func:`from_run_config` rebuilds it, in this one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGE_CLASSES = ("mitosis", "tumor", "non_tumor")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the hospitals' data lives and how samples are made from it."""
+
+    root: str = "data/quickstart"  # holds site-<k>/ folders (simulation); generated if absent
+    preset: str = "quick"  # synthetic preset used when root is absent: quick | brecahad
+    sites: int = 3
+    patch_size: int = 64
+    border: str = "reflect"  # patches at the image border: reflect-pad, or drop (and count)
+    classes: tuple[str, ...] = IMAGE_CLASSES  # BreCaHAD keys kept as patch classes, in label order
+    pairing: str = "linked"  # linked: linkage.csv joins case and subject; by_label: pair by class
+    label_map: dict[str, int] = field(default_factory=lambda: {"mitosis": 1, "tumor": 1, "non_tumor": 0})
+    test_fraction: float = 0.3  # share of each site's cases held out for its test split
+    cache_dir: str | None = None  # default: <data folder>/.fedfuse-cache
+    positive: tuple[str, ...] = ("invasive", "in_situ")  # ICD groups that label an EHR row positive
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model, and its sizes."""
+
+    name: str = "fusion"  # fusion | cnn | mlp
+    image_latent: int = 64
+    ehr_latent: int = 32
+    hidden: int = 64
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at a site, each round."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.001
+    weight_decay: float = 0.0001
+    class_weights: str = "balanced"  # balanced (inverse frequency) | none
+    threads: int = 1  # torch threads per site process
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The server's round loop."""
+
+    rounds: int = 8
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server holds: a central test set, if any."""
+
+    eval_data: str | None = "data/quickstart/holdout"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower's simulation engine on one machine."""
+
+    cpus_per_site: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    name: str = "quickstart"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.preset": ("quick", "brecahad"),
+    "data.border": ("reflect", "drop"),
+    "data.pairing": ("linked", "by_label"),
+    "model.name": ("fusion", "cnn", "mlp"),
+    "train.class_weights": ("balanced", "none"),
+    "federation.strategy": ("fedavg",),
+}
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message names its dotted path."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the field's own type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(path, inner, value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, path)
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of {_type_name(item)}, got {value!r}")
+        return tuple(_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value))
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {_type_name(ktp)} to {_type_name(vtp)}, got {value!r}")
+        return {_coerce(f"{path}.<key>", ktp, k): _coerce(f"{path}.{k}", vtp, v) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path}: expected one of {', '.join(CHOICES[path])}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key; expected one of {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), as written to YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a :class:`Config` from a nested mapping; ``source`` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return _build(Config, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config and apply dotted-key ``overrides``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    cfg = from_dict(raw, str(path))
+    return apply_overrides(cfg, overrides or {})
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}`` (values parsed later, by field type)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set dotted keys. A string value for a non-string field is read as YAML (``"3"`` -> 3)."""
+    raw = to_dict(cfg)
+    hints = _flat_hints()
+    for key, value in overrides.items():
+        if key not in hints:
+            close = [k for k in hints if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+        if isinstance(value, str) and hints[key] is not str:
+            try:
+                value = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{key}: cannot read {value!r}: {err}") from None
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(raw, "overrides")
+
+
+def _flat_hints(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(_flat_hints(tp, key + "."))
+        else:
+            out[key] = tp
+    return out
+
+
+def flat_keys() -> list[str]:
+    """Every setting's dotted key: what ``[tool.flwr.app.config]`` may override."""
+    return sorted(_flat_hints())
+
+
+def flatten(cfg: Config) -> dict[str, bool | int | float | str]:
+    """Flat scalars for Flower's run_config; lists, mappings and None as YAML text."""
+    out: dict[str, bool | int | float | str] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict) and f"{prefix}{k}" not in _flat_hints():
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (bool, int, float, str)):
+                out[f"{prefix}{k}"] = v
+            else:
+                out[f"{prefix}{k}"] = yaml.safe_dump(v, default_flow_style=True).strip()
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def from_run_config(run_config: dict[str, Any], app_root: Path) -> Config:
+    """Rebuild the config inside a ServerApp or ClientApp.
+
+    ``run_config["config"]`` is the YAML path, relative to the app's root; every
+    other key that is not ``""`` (Flower's "not set") overrides that setting.
+    """
+    path = Path(str(run_config.get("config", "configs/quickstart.yaml")))
+    if not path.is_absolute():
+        path = app_root / path
+    overrides = {k: v for k, v in run_config.items() if k in _flat_hints() and v != ""}
+    return load(path, overrides)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (what a run folder keeps)."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,136 @@
+"""Multimodal samples of one hospital folder: patch, the patient's EHR vector, patch class.
+
+A hospital folder (a simulated ``site-<k>/``, the ``holdout/``, or a real
+site's data directory) holds ``BreCaHAD/``, ``mimic-iv/`` and ``linkage.csv``.
+Every source offers the same views (FLamby's idea): :func:`load_site` gives a
+site's train and test splits, split by case (patient), never by patch.
+
+Pairing of patches with EHR rows:
+
+* ``linked``: ``linkage.csv`` (``case_id``, ``subject_id``) joins a case's
+  patches to that patient's record, as inside one hospital.
+* ``by_label``: BreCaHAD and MIMIC-IV share no patients, so a study on the two
+  public sets pairs each patch with a random record whose cohort label matches
+  ``label_map[patch class]``. The EHR then carries the label by construction:
+  reports name the mode and show the EHR-only AUC as the leakage it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.brecahad import DataFormatError, load_patches
+from shared.config import DataConfig
+from shared.mimic import FEATURES, load_cohort
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Aligned arrays, one entry per patch."""
+
+    images: np.ndarray  # (n, P, P, 3) uint8
+    ehr: np.ndarray  # (n, F) float32, NaN where the record has no value
+    labels: np.ndarray  # (n,) int64
+    cases: np.ndarray  # (n,) str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, mask: np.ndarray) -> Samples:
+        return Samples(self.images[mask], self.ehr[mask], self.labels[mask], self.cases[mask])
+
+
+def read_linkage(folder: Path) -> dict[str, int]:
+    """``linkage.csv`` of a hospital folder as case_id -> subject_id."""
+    path = Path(folder) / "linkage.csv"
+    if not path.is_file():
+        raise DataFormatError(f"{folder}: no linkage.csv (columns case_id, subject_id) for data.pairing=linked")
+    table = pd.read_csv(path, dtype=str)
+    missing = [c for c in ("case_id", "subject_id") if c not in table.columns]
+    if missing:
+        raise DataFormatError(f"{path}: missing column(s) {', '.join(missing)}; expected case_id, subject_id")
+    ids = pd.to_numeric(table["subject_id"], errors="coerce")
+    if ids.isna().any():
+        row = int(ids.isna().to_numpy().argmax()) + 2  # 1-based, after the header
+        raise DataFormatError(f"{path}: row {row}: subject_id {table['subject_id'].iloc[row - 2]!r} is not an integer")
+    return dict(zip(table["case_id"].str.strip(), ids.astype(np.int64)))
+
+
+def cache_dir_for(folder: Path, cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(folder) / ".fedfuse-cache"
+
+
+def load_folder(folder: Path, cfg: DataConfig, seed: int = 0) -> Samples:
+    """Every patch of a hospital folder with its paired EHR vector."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataFormatError(f"{folder}: hospital data folder not found")
+    cache = cache_dir_for(folder, cfg)
+    patches = load_patches(folder / "BreCaHAD", cfg.classes, cfg.patch_size, cfg.border, cache)
+    cohort = load_cohort(folder / "mimic-iv", cfg.positive, cache).table
+    features = cohort[list(FEATURES)].to_numpy(np.float32)
+    row_of = pd.Series(np.arange(len(cohort)), index=cohort["subject_id"].to_numpy())
+    if cfg.pairing == "linked":
+        link = read_linkage(folder)
+        missing = sorted(set(patches.cases) - set(link))
+        if missing:
+            raise DataFormatError(f"{folder / 'linkage.csv'}: no subject_id for case(s) {', '.join(missing)}")
+        subjects = np.array([link[c] for c in patches.cases], np.int64)
+        unknown = sorted(set(subjects.tolist()) - set(row_of.index))
+        if unknown:
+            raise DataFormatError(f"{folder / 'linkage.csv'}: subject_id(s) {unknown[:5]} not in "
+                                  f"{folder / 'mimic-iv/hosp/patients.csv.gz'}")
+        rows = row_of.loc[subjects].to_numpy()
+    else:
+        rng = np.random.default_rng(seed)
+        labels = cohort["label"].to_numpy()
+        rows = np.empty(len(patches.labels), np.int64)
+        for ci, cls in enumerate(cfg.classes):
+            if cls not in cfg.label_map:
+                raise DataFormatError(f"data.label_map: no EHR label for patch class {cls!r}")
+            pool = np.flatnonzero(labels == cfg.label_map[cls])
+            sel = patches.labels == ci
+            if sel.any() and not len(pool):
+                raise DataFormatError(f"{folder / 'mimic-iv'}: no cohort rows with label {cfg.label_map[cls]} "
+                                      f"to pair with {cls!r} patches (data.pairing=by_label)")
+            rows[sel] = rng.choice(pool, int(sel.sum())) if sel.any() else rows[sel]
+    return Samples(patches.images, features[rows], patches.labels, patches.cases)
+
+
+def split_by_case(samples: Samples, test_fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """Seeded train/test split of whole cases: no patient is on both sides."""
+    cases = np.unique(samples.cases)
+    if len(cases) < 2:
+        raise DataFormatError(f"only {len(cases)} case(s) here; a train/test split by case needs at least 2")
+    rng = np.random.default_rng(seed)
+    n_test = min(len(cases) - 1, max(1, round(test_fraction * len(cases))))
+    test_cases = rng.permutation(cases)[:n_test]
+    is_test = np.isin(samples.cases, test_cases)
+    return samples.subset(~is_test), samples.subset(is_test)
+
+
+def load_site(folder: Path, cfg: DataConfig, seed: int) -> tuple[Samples, Samples]:
+    """A site's (train, test) samples."""
+    return split_by_case(load_folder(folder, cfg, seed), cfg.test_fraction, seed)
+
+
+def ehr_statistics(ehr: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-feature count, sum and sum of squares of the observed values: what a site may share."""
+    observed = ~np.isnan(ehr)
+    x = np.where(observed, ehr, 0.0).astype(np.float64)
+    return {"count": observed.sum(0).astype(np.float64), "sum": x.sum(0), "sumsq": (x**2).sum(0)}
+
+
+def pooled_moments(stats: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation per feature from the sites' :func:`ehr_statistics`."""
+    n = sum(s["count"] for s in stats)
+    total = sum(s["sum"] for s in stats)
+    total_sq = sum(s["sumsq"] for s in stats)
+    mean = np.divide(total, n, out=np.zeros_like(total), where=n > 0)
+    var = np.divide(total_sq, n, out=np.zeros_like(total), where=n > 0) - mean**2
+    std = np.sqrt(np.clip(var, 0, None))
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)

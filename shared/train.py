@@ -1,0 +1,73 @@
+"""Plain training and evaluation loops, used unchanged by sites, the server and tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.config import TrainConfig
+from shared.data import Samples
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
+    """Inverse-frequency weights (``balanced``), so the rare mitosis class counts.
+
+    A weighted loss rather than a resampling sampler: it behaves the same under
+    differential privacy, where Opacus replaces the data loader's sampler.
+    """
+    if mode == "none":
+        return torch.ones(n_classes)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = len(labels) / (n_classes * np.maximum(counts, 1.0))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generator):
+    # uint8 (B, P, P, 3) -> float (B, 3, P, P) in [0, 1]
+    images = torch.from_numpy(samples.images[idx]).permute(0, 3, 1, 2).float().div_(255.0)
+    if augment:  # dihedral symmetries: a patch has no up or left
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        images = torch.rot90(images, k, dims=(2, 3))
+        if torch.rand(1, generator=gen) < 0.5:
+            images = images.flip(3)
+    return images, torch.from_numpy(samples.ehr[idx]), torch.from_numpy(samples.labels[idx])
+
+
+def train_epochs(model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes: int, seed: int) -> float:
+    """``cfg.local_epochs`` epochs of Adam on ``samples``; returns the mean training loss."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    rng = np.random.default_rng(seed)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(samples.labels, n_classes, cfg.class_weights))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        order = rng.permutation(len(samples))
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            images, ehr, labels = _batch(samples, idx, True, gen)
+            loss = loss_fn(model(images, ehr), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[np.ndarray, float]:
+    """Class probabilities ``(n, K)`` and the mean (unweighted) cross-entropy."""
+    model.eval()
+    probs, loss = [], 0.0
+    gen = torch.Generator()
+    for start in range(0, len(samples), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(samples)))
+        images, ehr, labels = _batch(samples, idx, False, gen)
+        logits = model(images, ehr)
+        loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        probs.append(torch.softmax(logits, 1).numpy())
+    k = model.head[-1].out_features
+    return (np.concatenate(probs) if probs else np.zeros((0, k))), loss / max(len(samples), 1)

@@ -1,0 +1,157 @@
+"""``fedfuse``: generate data, inspect real or generated data, build cohorts, run simulations."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from shared.brecahad import DataFormatError
+from shared.config import IMAGE_CLASSES, Config, ConfigError, dump, flatten, load, parse_assignments
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from simulations.synth import synth
+
+    started = time.time()
+    counts = synth(Path(args.out), args.sites, args.seed, args.preset,
+                   progress=lambda name: print(f"generating {name} ...", flush=True))
+    for name, c in counts.items():
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "non_mitosis"))
+    print(f"wrote {len(counts)} folders under {args.out} in {time.time() - started:.1f} s")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if (path / "hosp").is_dir():
+        from shared.mimic import build_cohort
+
+        cohort = build_cohort(path)
+        out = {"subjects": len(cohort.table), "positives": int(cohort.table["label"].sum()),
+               "skipped_rows": cohort.skipped}
+    elif (path / "images").is_dir() or (path / "groundTruth").is_dir():
+        from shared.brecahad import inspect
+
+        out = inspect(path, IMAGE_CLASSES, args.patch_size, args.border)
+    else:
+        raise DataFormatError(f"{path}: neither a BreCaHAD folder (images/, groundTruth/) "
+                              "nor a MIMIC-IV root (hosp/)")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for key, value in out.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for k, v in value.items():
+                    print(f"  {k:<28} {v}")
+            else:
+                print(f"{key:<30} {value}")
+    return 0
+
+
+def _cohort(args: argparse.Namespace) -> int:
+    from shared.mimic import build_cohort
+
+    cohort = build_cohort(Path(args.mimic))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    cohort.table.to_csv(args.out, index=False)
+    print(f"wrote {len(cohort.table)} subjects ({int(cohort.table['label'].sum())} positive) to {args.out}")
+    if cohort.skipped:
+        print("skipped rows: " + ", ".join(f"{k} {v}" for k, v in cohort.skipped.items()))
+    return 0
+
+
+def _absolute(cfg: Config) -> Config:
+    """Paths as absolute: the Flower processes run in the run folder, not here."""
+    def fix(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p else p
+
+    data = dataclasses.replace(cfg.data, root=fix(cfg.data.root), cache_dir=fix(cfg.data.cache_dir))
+    return dataclasses.replace(cfg, data=data, server=dataclasses.replace(cfg.server, eval_data=fix(cfg.server.eval_data)))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.flower import run_simulation
+    from simulations.synth import synth
+
+    cfg = _absolute(load(args.config, parse_assignments(args.set)))
+    root = Path(cfg.data.root)
+    if not root.exists():
+        print(f"no data at {root}: generating {cfg.data.sites} sites (preset {cfg.data.preset}, seed {cfg.seed})",
+              flush=True)
+        synth(root, cfg.data.sites, cfg.seed, cfg.data.preset,
+              progress=lambda name: print(f"  generating {name} ...", flush=True))
+    missing = [f"site-{k}" for k in range(cfg.data.sites) if not (root / f"site-{k}").is_dir()]
+    if missing:
+        raise DataFormatError(f"{root}: data.sites is {cfg.data.sites} but {', '.join(missing)} is missing")
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump(cfg, run_dir / "config.yaml")
+    run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(run_dir), **flatten(cfg)}
+    print(f"federated run '{cfg.name}': {cfg.data.sites} sites, model {cfg.model.name}, "
+          f"{cfg.federation.rounds} rounds -> {run_dir}", flush=True)
+    started = time.time()
+    run_simulation(run_dir, run_config, cfg.data.sites, cfg.simulation.cpus_per_site)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    final = metrics["final"]
+    print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}, "
+          f"mitosis AUC {final['auc']['mitosis']:.3f}; metrics: {run_dir / 'metrics.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfuse", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate hospitals in the BreCaHAD and MIMIC-IV layouts")
+    s.add_argument("--out", required=True, help="folder to write site-<k>/ and holdout/ into")
+    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", choices=["quick", "brecahad"], default="quick",
+                   help="quick: small, for demos and tests; brecahad: the real data set's size")
+    s.set_defaults(func=_synth)
+
+    d = sub.add_parser("data", help="inspect data or build a cohort")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    i = dsub.add_parser("inspect", help="counts of a BreCaHAD folder or a MIMIC-IV root")
+    i.add_argument("path", help="BreCaHAD folder (holding images/ and groundTruth/) or MIMIC-IV root (holding hosp/)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--border", choices=["reflect", "drop"], default="reflect",
+                   help="patches at tile edges: reflect-pad (default) or drop and count")
+    i.add_argument("--patch-size", type=int, default=64)
+    i.set_defaults(func=_inspect)
+    c = dsub.add_parser("cohort", help="write the one-row-per-subject cohort of a MIMIC-IV root")
+    c.add_argument("--mimic", required=True, help="MIMIC-IV root (holding hosp/)")
+    c.add_argument("--out", required=True, help="CSV to write")
+    c.set_defaults(func=_cohort)
+
+    r = sub.add_parser("simulate", help="run a federated simulation (Flower's simulation engine)")
+    r.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting (repeatable), e.g. --set federation.rounds=3")
+    r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist")
+    r.set_defaults(func=_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so Flower processes are stopped
+    try:
+        return args.func(args)
+    except (ConfigError, DataFormatError, FileExistsError, ValueError) as err:
+        print(f"fedfuse: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Run the fedfuse Flower app in Flower's simulation engine, owning every process it starts.
+
+``flwr run .`` against a local SuperLink leaves that SuperLink (and, after a
+failure, Ray agents) running detached, with no pid file. So the simulation
+starts its own ``flower-superlink --simulation`` as a child in a new session,
+with ``FLWR_HOME`` and ``RAY_TMPDIR`` inside the run folder, submits the app
+with ``flwr run``, streams its log, reads the run's status (``flwr run``
+exits 0 even when the run failed) and finally kills the SuperLink's process
+groups: the SuperLink, the SuperExec, ``flwr-simulation`` and Ray, also on
+error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import tomli_w
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RAY_SOCKET_ROOM = 40  # Ray's AF_UNIX socket paths under RAY_TMPDIR must stay under 107 bytes
+
+
+class SimulationError(RuntimeError):
+    """The Flower run did not complete; the message says where its log is."""
+
+
+def flower_env(home: Path, ray_tmp: Path) -> dict[str, str]:
+    """Environment for every Flower process: no runtime installs, no telemetry, state in the run folder."""
+    env = os.environ.copy()
+    env.update(
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(home),
+        RAY_TMPDIR=str(ray_tmp),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink spawns its helpers by name
+    )
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the SuperLink's process group and its children's groups (SuperExec leads one with Ray in it)."""
+    groups = {proc.pid} | set(_children(proc.pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for g in groups:
+            try:
+                os.killpg(g, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=5)
+            if sig == signal.SIGTERM:
+                time.sleep(0.5)  # let the groups' other members go
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _flwr(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, **kwargs)
+
+
+def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_site: float,
+                   echo=print) -> None:
+    """Run the app for ``run_config`` with ``num_sites`` simulated SuperNodes; outputs land in ``run_dir``.
+
+    Lines the apps print with the ``[fedfuse]`` prefix are passed to ``echo``;
+    Flower's full log is kept in ``run_dir/flower.log``.
+    """
+    home = run_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    ray_tmp = run_dir / "ray"
+    own_ray_tmp = len(str(ray_tmp.resolve())) > RAY_SOCKET_ROOM
+    if own_ray_tmp:  # too deep for Ray's socket paths: a short private folder, removed afterwards
+        ray_tmp = Path(tempfile.mkdtemp(prefix="fedfuse-ray-"))
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    env = flower_env(home, ray_tmp)
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedfuse"\n\n[superlink.fedfuse]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    overrides = run_dir / "run_config.toml"
+    overrides.write_text(tomli_w.dumps(run_config))
+    log_path = run_dir / "flower.log"
+    with open(log_path, "a") as log:
+        superlink = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"],
+            cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_ready(superlink, port, log_path)
+            cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
+            federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus}"
+            sub = _flwr(["run", str(PROJECT_ROOT), "fedfuse", "--format", "json", "--federation-config", federation,
+                         "--run-config", str(overrides)], env, capture_output=True, timeout=300)
+            try:
+                run_id = json.loads(sub.stdout)["run-id"]
+            except (json.JSONDecodeError, KeyError):
+                raise SimulationError(f"flwr run refused the app:\n{sub.stdout}{sub.stderr}") from None
+            stream = subprocess.Popen([str(BIN / "flwr"), "log", str(run_id), "fedfuse", "--stream"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in stream.stdout:
+                log.write(line)
+                if "[fedfuse]" in line:
+                    echo(line.split("[fedfuse]", 1)[1].strip())
+                elif "Traceback" in line or "ERROR" in line:
+                    echo(line.rstrip())
+            stream.wait()
+            ls = _flwr(["ls", "fedfuse", "--run-id", str(run_id), "--format", "json"], env, capture_output=True)
+            status = json.loads(ls.stdout)["runs"][0]
+            if status["status"] != "finished:completed":
+                raise SimulationError(f"Flower run {run_id} ended {status['status']}: "
+                                      f"{status.get('status-details', '')} (full log: {log_path})")
+        finally:
+            _stop(superlink)
+            if own_ray_tmp:
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SimulationError(f"flower-superlink did not become ready in {timeout:.0f} s; see {log_path}")
