@@ -14,6 +14,7 @@ config as dotted keys (lists and mappings as YAML text) and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,11 +58,11 @@ class ModelConfig:
 class TrainConfig:
     """Local training at a site, each round."""
 
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.001
     weight_decay: float = 0.0001
-    class_weights: str = "balanced"  # balanced (inverse frequency) | none
+    class_weights: str = "sqrt"  # sqrt (of inverse frequency) | balanced (inverse frequency) | none
     threads: int = 1  # torch threads per site process
 
 
@@ -69,7 +70,7 @@ class TrainConfig:
 class FederationConfig:
     """The server's round loop."""
 
-    rounds: int = 8
+    rounds: int = 6
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -109,7 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.border": ("reflect", "drop"),
     "data.pairing": ("linked", "by_label"),
     "model.name": ("fusion", "cnn", "mlp"),
-    "train.class_weights": ("balanced", "none"),
+    "train.class_weights": ("sqrt", "balanced", "none"),
     "federation.strategy": ("fedavg",),
 }
 
@@ -220,7 +221,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     hints = _flat_hints()
     for key, value in overrides.items():
         if key not in hints:
-            close = [k for k in hints if k.split(".")[-1] == key.split(".")[-1]]
+            close = difflib.get_close_matches(key, list(hints), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
         if isinstance(value, str) and hints[key] is not str:

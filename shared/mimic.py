@@ -84,6 +84,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "omr": ("subject_id", "chartdate", "result_name", "result_value"),
 }
 LAB_CHUNK = 1_000_000
+FAR_PAST, FAR_FUTURE = pd.Timestamp("1000-01-01"), pd.Timestamp("9999-12-31")  # cut-offs for "none" and "all"
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,9 @@ def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")
     cutoff = out["subject_id"].map(index["dischtime"])
     # A positive whose breast-coded admission is not on file has no safe cut-off: drop its timed data.
     lost = out["label"].eq(1) & ~out["subject_id"].isin(adm_pos["subject_id"])
-    cutoff = cutoff.where(~lost, pd.Timestamp.min)
+    cutoff = cutoff.where(~lost, FAR_PAST)
     skipped["positives_without_index_admission"] = int(lost.sum())
-    cutoff = cutoff.fillna(pd.Timestamp.max)  # no admission: nothing to cut
+    cutoff = cutoff.fillna(FAR_FUTURE)  # no admission: nothing to cut
     cut = pd.Series(cutoff.to_numpy(), index=out["subject_id"])
 
     year = admit_at.dt.year.to_numpy(dtype=float)
@@ -198,7 +199,7 @@ def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")
     before = adm.loc[adm["admittime"] <= adm["subject_id"].map(cut)]
     out["n_admissions"] = out["subject_id"].map(before.groupby("subject_id").size()).fillna(0).to_numpy()
 
-    index_admit = pd.Series(admit_at.fillna(pd.Timestamp.max).to_numpy(), index=out["subject_id"])
+    index_admit = pd.Series(admit_at.fillna(FAR_FUTURE).to_numpy(), index=out["subject_id"])
     dx_before = dx.loc[~no_adm & (dx["admittime"] <= dx["subject_id"].map(index_admit))]
     for name, grp in COMORBIDITIES.items():
         ids = set(dx_before.loc[_matches(dx_before["icd_code"], dx_before["icd_version"], grp), "subject_id"])

@@ -7,6 +7,11 @@ unimodal ones ignore the other input.
 
 Normalisation is GroupNorm, not BatchNorm: it has no running statistics to
 average across hospitals and it is what differential privacy (Opacus) needs.
+Each latent is layer-normalised before the concatenation so neither modality
+drowns the other by scale: without it the EHR branch, which can tell the few
+training patients apart, dominated the head's early gradient and the image
+encoder took several more epochs to start separating tumour from non-tumour
+nuclei.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class CNNEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, P, P) in [0, 1] -> (B, C, 4, 4) -> (B, 16 C) -> (B, latent)
         x = self.features(images - 0.5)
-        return torch.relu(self.project(x.flatten(1)))
+        return self.project(x.flatten(1))
 
 
 class MLPEncoder(nn.Module):
@@ -54,7 +59,7 @@ class MLPEncoder(nn.Module):
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
         self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, latent), nn.ReLU())
+                                 nn.Linear(hidden, latent))
 
     def forward(self, ehr: torch.Tensor) -> torch.Tensor:
         # ehr: (B, F) raw values with NaN -> (B, latent)
@@ -72,15 +77,17 @@ class FusionNet(nn.Module):
         self.ehr = MLPEncoder(n_features, cfg.hidden, cfg.ehr_latent, cfg.dropout) \
             if cfg.name in ("fusion", "mlp") else None
         width = (cfg.image_latent if self.image else 0) + (cfg.ehr_latent if self.ehr else 0)
+        self.image_norm = nn.LayerNorm(cfg.image_latent) if self.image else None
+        self.ehr_norm = nn.LayerNorm(cfg.ehr_latent) if self.ehr else None
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, cfg.hidden), nn.ReLU(),
                                   nn.Linear(cfg.hidden, n_classes))
 
     def forward(self, images: torch.Tensor, ehr: torch.Tensor) -> torch.Tensor:
         parts = []
         if self.image is not None:
-            parts.append(self.image(images))
+            parts.append(self.image_norm(self.image(images)))
         if self.ehr is not None:
-            parts.append(self.ehr(ehr))
+            parts.append(self.ehr_norm(self.ehr(ehr)))
         return self.head(torch.cat(parts, dim=1))  # (B, n_classes) logits
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shared.brecahad import DataFormatError
 from shared.config import IMAGE_CLASSES, Config, ConfigError, dump, flatten, load, parse_assignments
+from simulations.flower import SimulationError
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -80,7 +81,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
     from simulations.synth import synth
 
+
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
     root = Path(cfg.data.root)
     if not root.exists():
         print(f"no data at {root}: generating {cfg.data.sites} sites (preset {cfg.data.preset}, seed {cfg.seed})",
@@ -90,9 +95,6 @@ def _simulate(args: argparse.Namespace) -> int:
     missing = [f"site-{k}" for k in range(cfg.data.sites) if not (root / f"site-{k}").is_dir()]
     if missing:
         raise DataFormatError(f"{root}: data.sites is {cfg.data.sites} but {', '.join(missing)} is missing")
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump(cfg, run_dir / "config.yaml")
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so Flower processes are stopped
     try:
         return args.func(args)
-    except (ConfigError, DataFormatError, FileExistsError, ValueError) as err:
+    except (ConfigError, DataFormatError, FileExistsError, SimulationError, ValueError) as err:
         print(f"fedfuse: error: {err}", file=sys.stderr)
         return 2
 

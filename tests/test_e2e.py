@@ -1,0 +1,51 @@
+"""End to end: `fedfuse simulate` runs the real Flower app in the simulation engine and cleans up."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose environment or command line mentions ``text`` (our run folder is in FLWR_HOME)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                if text.encode() in (p / "environ").read_bytes() or text.encode() in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.e2e
+def test_two_sites_one_round(quick_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = main(["simulate", str(ROOT / "configs/quickstart.yaml"), "--out", str(run_dir),
+               "--set", f"data.root={quick_data}", "--set", f"server.eval_data={quick_data / 'holdout'}",
+               "--set", "data.sites=2", "--set", "federation.rounds=1", "--set", "train.local_epochs=1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "round  1/1" in out and "final (central)" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1]
+    assert set(metrics["rounds"][0]["sites"]) == {"site-0", "site-1"}
+    final = metrics["final"]
+    assert final["source"] == "central" and 0.0 <= final["macro_auc"] <= 1.0
+    assert set(final["auc"]) == {"mitosis", "tumor", "non_tumor"} and 0 <= final["accuracy"] <= 1
+    assert (run_dir / "model.pt").is_file() and (run_dir / "config.yaml").is_file()
+    assert processes_mentioning(str(run_dir)) == []  # SuperLink, SuperExec, Ray: all stopped
+
+
+@pytest.mark.e2e
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert main(["simulate", str(ROOT / "configs/quickstart.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
