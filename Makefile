@@ -4,10 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Every Flower process: no runtime dependency installs (else uv downloads GBs), no telemetry, state kept here.
-FLWR_ENV := FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
-	FLWR_HOME=$(CURDIR)/.flwr RAY_TMPDIR=$(CURDIR)/.flwr/ray RAY_USAGE_STATS_ENABLED=0 PATH=$(CURDIR)/$(BIN):$$PATH
-
 .PHONY: demo test flwr-run lint clean
 
 $(STAMP): pyproject.toml
@@ -24,14 +20,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 
-# The same app through `flwr run .` and Flower's own local SuperLink (needs data: run `make demo` once).
-# flwr leaves that SuperLink running detached; it is stopped here by its pid.
+# The same app through `flwr run . local --stream` and Flower's own local SuperLink (needs data: run
+# `make demo` once). Sets the Flower environment, and stops the SuperLink that flwr leaves running.
 flwr-run: $(STAMP)
-	mkdir -p .flwr/ray
-	$(FLWR_ENV) $(BIN)/flwr run . local --stream \
-		--federation-config "num-supernodes=3 client-resources-num-cpus=1"; rc=$$?; \
-	pid=$$(pgrep -f "flower-superlink.*--port 39091" | head -n 1); \
-	if [ -n "$$pid" ]; then kill -- -$$pid 2>/dev/null || kill $$pid; fi; exit $$rc
+	$(BIN)/python -m simulations.flower --federation-config "num-supernodes=3 client-resources-num-cpus=1"
 
 lint: $(STAMP)
 	$(BIN)/ruff check server client shared simulations tests

@@ -67,6 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
 
     names, stats = _site_statistics(grid, cfg)
+    torch.manual_seed(cfg.seed)  # the initial global model, the same for the same seed
     model = build_model(cfg.model, len(FEATURES), len(classes))
     if model.ehr is not None:
         mean, std = pooled_moments(stats)

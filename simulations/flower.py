@@ -51,6 +51,15 @@ def flower_env(home: Path, ray_tmp: Path) -> dict[str, str]:
     return env
 
 
+def ray_tmpdir(preferred: Path) -> tuple[Path, bool]:
+    """``preferred`` if Ray's socket paths fit under it, else a short private folder (and True: remove it)."""
+    preferred = preferred.resolve()
+    if len(str(preferred)) <= RAY_SOCKET_ROOM:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred, False
+    return Path(tempfile.mkdtemp(prefix="fedfuse-ray-")), True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,21 +78,45 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill the SuperLink's process group and its children's groups (SuperExec leads one with Ray in it)."""
-    groups = {proc.pid} | set(_children(proc.pid))
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_tree(pid: int, grace: float = 5.0) -> None:
+    """Stop a SuperLink: its process group and its children's groups (SuperExec leads one with Ray in it).
+
+    SIGTERM first; SIGKILL for what is still alive after ``grace`` seconds
+    (during a run the SuperLink waits on open log streams and Ray's agents
+    ignore SIGTERM).
+    """
+    groups = {pid} | set(_children(pid))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for g in groups:
             try:
                 os.killpg(g, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        try:
-            proc.wait(timeout=5)
-            if sig == signal.SIGTERM:
-                time.sleep(0.5)  # let the groups' other members go
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(g) for g in groups):
+            time.sleep(0.2)
+
+
+def local_superlink_pid(port: int = 39091) -> int | None:
+    """The pid of the SuperLink that ``flwr run . local`` started on ``port`` (it writes no pid file)."""
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                argv = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"flower-superlink") for a in argv[:2]) and b"--port" in argv \
+                    and argv[argv.index(b"--port") + 1] == str(port).encode():
+                return int(p.name)
+    return None
 
 
 def _flwr(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
@@ -99,11 +132,7 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
     """
     home = run_dir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    ray_tmp = run_dir / "ray"
-    own_ray_tmp = len(str(ray_tmp.resolve())) > RAY_SOCKET_ROOM
-    if own_ray_tmp:  # too deep for Ray's socket paths: a short private folder, removed afterwards
-        ray_tmp = Path(tempfile.mkdtemp(prefix="fedfuse-ray-"))
-    ray_tmp.mkdir(parents=True, exist_ok=True)
+    ray_tmp, own_ray_tmp = ray_tmpdir(run_dir / "ray")
     env = flower_env(home, ray_tmp)
     port = _free_port()
     (home / "config.toml").write_text(
@@ -141,7 +170,8 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
                 raise SimulationError(f"Flower run {run_id} ended {status['status']}: "
                                       f"{status.get('status-details', '')} (full log: {log_path})")
         finally:
-            _stop(superlink)
+            stop_tree(superlink.pid)
+            superlink.wait()
             if own_ray_tmp:
                 shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -158,3 +188,22 @@ def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: floa
         except OSError:
             time.sleep(0.3)
     raise SimulationError(f"flower-superlink did not become ready in {timeout:.0f} s; see {log_path}")
+
+
+def flwr_run_local(extra_args: list[str]) -> int:
+    """``flwr run . local --stream`` as the README documents, then stop the SuperLink it leaves running."""
+    ray_tmp, own = ray_tmpdir(PROJECT_ROOT / ".flwr" / "ray")
+    env = flower_env(PROJECT_ROOT / ".flwr", ray_tmp)
+    try:
+        return _flwr(["run", ".", "local", "--stream", *extra_args], env, cwd=PROJECT_ROOT).returncode
+    finally:
+        pid = local_superlink_pid()
+        if pid is not None:
+            stop_tree(pid)
+            print(f"stopped the local SuperLink (pid {pid}) and its process groups")
+        if own:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":  # used by `make flwr-run`
+    sys.exit(flwr_run_local(sys.argv[1:]))

@@ -1,0 +1,63 @@
+"""A Flower Grid that delivers messages to the ClientApp in this process: server logic without Ray.
+
+The SuperLink normally assigns message ids and carries replies; here
+``push_messages`` calls the ClientApp directly and keeps its reply (an error
+reply if it raised), so ``ServerApp`` main runs unchanged in a test.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app, run_config: dict, num_nodes: int) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # what a Flower process sets
+        self.client_app = client_app
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.contexts = {
+            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
+                         state=RecordDict(), run_config=dict(run_config))
+            for i, nid in enumerate(self.node_ids)
+        }
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
+                       ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
+            try:
+                self._replies[mid] = self.client_app(m, self.contexts[m.metadata.dst_node_id])
+            except Exception as err:  # a failing site answers with an error reply
+                self._replies[mid] = Message(Error(code=0, reason=repr(err)), reply_to=m)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in message_ids]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_server(server_app, client_app, run_config: dict, num_nodes: int) -> None:
+    grid = InProcessGrid(client_app, run_config, num_nodes)
+    server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))

@@ -1,0 +1,69 @@
+"""ServerApp main, run in-process against the real ClientApp (no Ray, no SuperLink)."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from client.app import app as client_app
+from server.app import app as server_app
+from server.record import RunRecord
+from shared.config import flatten, load
+from simulations.cli import _absolute
+from tests.inprocess import run_server
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ("mitosis", "tumor", "non_tumor")
+
+
+def run(quick_data, tmp_path, holdout: bool, **data_changes) -> dict:
+    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, **data_changes),
+        train=dataclasses.replace(cfg.train, local_epochs=1),
+        federation=dataclasses.replace(cfg.federation, rounds=1),
+        server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
+    )
+    run_dir = tmp_path / "run"
+    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
+                                        **flatten(cfg)}, num_nodes=2)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_without_a_server_test_set_final_is_the_federated_mean(quick_data, tmp_path):
+    metrics = run(quick_data, tmp_path, holdout=False)
+    assert metrics["central_eval"] is None and metrics["pairing"] == "linked"
+    last = metrics["rounds"][-1]
+    assert "central" not in last and set(last["sites"]) == {"site-0", "site-1"}
+    final = metrics["final"]
+    assert final["source"] == "federated" and final["n"] == sum(s["n"] for s in last["sites"].values())
+    assert final["macro_auc"] == last["federated"]["macro_auc"]
+    assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_by_label_pairing_reports_its_leakage(quick_data, tmp_path):
+    metrics = run(quick_data, tmp_path, holdout=True, pairing="by_label")
+    assert metrics["pairing"] == "by_label"
+    leak = metrics["leakage"]["ehr_only_macro_auc"]
+    # The pairing put the label into the EHR: non-tumour patches got negative records.
+    assert leak > 0.65
+    assert metrics["final"]["source"] == "central"
+
+
+def test_federated_mean_weights_sites_by_examples(tmp_path):
+    record = RunRecord(tmp_path, CLASSES, {"name": "t"})
+    site = {"loss": 1.0, "accuracy": 0.5, "macro_auc": 0.6, "macro_f1": 0.4,
+            "auc": {"mitosis": math.nan, "tumor": 0.6, "non_tumor": 0.6}, "confusion": [[0, 0, 0]] * 3}
+    record.round(1)["sites"] = {
+        "a": {**site, "n": 30},
+        "b": {**site, "accuracy": 1.0, "auc": {**site["auc"], "mitosis": 0.9}, "n": 10,
+              "confusion": [[1, 0, 0], [0, 2, 0], [0, 0, 7]]},
+    }
+    record.close_round(1, total=1)
+    final = record.finish({})
+    assert final["source"] == "federated" and final["n"] == 40
+    assert final["accuracy"] == (0.5 * 30 + 1.0 * 10) / 40
+    assert final["auc"]["mitosis"] == 0.9  # the site that could not score mitosis is left out
+    assert final["confusion"][2][2] == 7
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"]["n"] == 40
