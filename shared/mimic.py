@@ -199,7 +199,7 @@ def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")
     before = adm.loc[adm["admittime"] <= adm["subject_id"].map(cut)]
     out["n_admissions"] = out["subject_id"].map(before.groupby("subject_id").size()).fillna(0).to_numpy()
 
-    index_admit = pd.Series(admit_at.fillna(FAR_FUTURE).to_numpy(), index=out["subject_id"])
+    index_admit = pd.Series(admit_at.fillna(FAR_FUTURE).where(~lost, FAR_PAST).to_numpy(), index=out["subject_id"])
     dx_before = dx.loc[~no_adm & (dx["admittime"] <= dx["subject_id"].map(index_admit))]
     for name, grp in COMORBIDITIES.items():
         ids = set(dx_before.loc[_matches(dx_before["icd_code"], dx_before["icd_version"], grp), "subject_id"])
@@ -283,8 +283,9 @@ def _add_labs(out: pd.DataFrame, hosp: Path, cut: pd.Series, skipped: dict[str, 
 def load_cohort(root: Path, positive: tuple[str, ...], cache_dir: Path | None) -> Cohort:
     """:func:`build_cohort` through the on-disk cache."""
     hosp = Path(root) / "hosp"
-    files = sorted(p for p in hosp.glob("*.csv*")) if hosp.is_dir() else []
-    key = fingerprint("cohort-v1", positive, *files)
+    if not hosp.is_dir():
+        raise DataFormatError(f"{root}: expected a MIMIC-IV root with a hosp/ folder")
+    key = fingerprint("cohort-v1", positive, *sorted(hosp.glob("*.csv*")))
 
     def build() -> dict[str, np.ndarray]:
         c = build_cohort(root, positive)
@@ -296,8 +297,6 @@ def load_cohort(root: Path, positive: tuple[str, ...], cache_dir: Path | None) -
             "skipped_values": np.array(list(c.skipped.values()), dtype=np.int64),
         }
 
-    if not hosp.is_dir():
-        raise DataFormatError(f"{root}: expected a MIMIC-IV root with a hosp/ folder")
     a = cached_arrays(cache_dir, f"cohort-{key}", build)
     table = pd.DataFrame(a["features"], columns=list(FEATURES))
     table.insert(0, "label", a["label"])
