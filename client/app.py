@@ -56,9 +56,10 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
     cfg, index, _, data, _ = _site(context)
     model = _model(cfg, msg, data.ehr.shape[1])
-    server_round = int(msg.content["config"]["server-round"])
-    seed = int(np.random.SeedSequence([cfg.seed, index, server_round]).generate_state(1)[0])
-    loss = train_epochs(model, data, cfg.train, len(cfg.data.classes), seed)
+    config = msg.content["config"]
+    seed = int(np.random.SeedSequence([cfg.seed, index, int(config["server-round"])]).generate_state(1)[0])
+    mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by FedProx
+    loss = train_epochs(model, data, cfg.train, len(cfg.data.classes), seed, proximal_mu=mu)
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(data)})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 

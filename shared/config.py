@@ -71,10 +71,17 @@ class FederationConfig:
     """The server's round loop."""
 
     rounds: int = 6
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
+    proximal_mu: float = 0.01  # fedprox: weight of (mu/2) ||w - w_global||^2 in each site's loss
+    server_lr: float = 0.01  # fedadam, fedyogi: the server optimiser's step size (eta)
+    beta_1: float = 0.9  # fedadam, fedyogi: first-moment decay
+    beta_2: float = 0.99  # fedadam, fedyogi: second-moment decay
+    tau: float = 0.001  # fedadam, fedyogi: adaptivity (epsilon)
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end, in [0, 0.5)
+    krum_malicious: int = 0  # krum: number of sites assumed malicious
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.pairing": ("linked", "by_label"),
     "model.name": ("fusion", "cnn", "mlp"),
     "train.class_weights": ("sqrt", "balanced", "none"),
-    "federation.strategy": ("fedavg",),
+    "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"),
 }
 
 

@@ -41,13 +41,21 @@ def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generato
     return images, torch.from_numpy(samples.ehr[idx]), torch.from_numpy(samples.labels[idx])
 
 
-def train_epochs(model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes: int, seed: int) -> float:
-    """``cfg.local_epochs`` epochs of Adam on ``samples``; returns the mean training loss."""
+def train_epochs(
+    model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes: int, seed: int, proximal_mu: float = 0.0
+) -> float:
+    """``cfg.local_epochs`` epochs of Adam on ``samples``; returns the mean training loss.
+
+    ``proximal_mu > 0`` adds FedProx's term (Li et al., MLSys 2020),
+    ``mu / 2 * ||w - w_start||^2``, keeping a site near the global model it
+    received.
+    """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(samples.labels, n_classes, cfg.class_weights))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -56,11 +64,13 @@ def train_epochs(model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes
             idx = order[start : start + cfg.batch_size]
             images, ehr, labels = _batch(samples, idx, True, gen)
             loss = loss_fn(model(images, ehr), labels)
+            total += loss.item() * len(idx)
+            count += len(idx)
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
     return total / max(count, 1)
 
 
