@@ -23,7 +23,7 @@ from shared.config import Config, dump, from_run_config
 from shared.data import load_folder, pooled_moments
 from shared.metrics import classification_metrics, ehr_only_auc
 from shared.mimic import FEATURES
-from shared.models import build_model
+from shared.models import build_model, ehr_encoders, load_pretrained_weights
 from shared.train import predict
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -69,10 +69,11 @@ def main(grid: Grid, context: Context) -> None:
     names, stats = _site_statistics(grid, cfg)
     torch.manual_seed(cfg.seed)  # the initial global model, the same for the same seed
     model = build_model(cfg.model, len(FEATURES), len(classes))
-    if model.ehr is not None:
-        mean, std = pooled_moments(stats)
-        model.ehr.mean.copy_(torch.from_numpy(mean))
-        model.ehr.std.copy_(torch.from_numpy(std))
+    mean, std = pooled_moments(stats)
+    for encoder in ehr_encoders(model):
+        encoder.mean.copy_(torch.from_numpy(mean))
+        encoder.std.copy_(torch.from_numpy(std))
+    pretrained = load_pretrained_weights(model, cfg.model.pretrained) if cfg.model.pretrained else None
 
     holdout = None
     if cfg.server.eval_data and Path(cfg.server.eval_data).is_dir():
@@ -80,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     header = {
         "name": cfg.name, "model": cfg.model.name, "pairing": cfg.data.pairing, "classes": list(classes),
         "data_root": cfg.data.root, "sites": sorted(names.values()),
+        "pretrained": pretrained or "none: weights initialised at random",
         "central_eval": cfg.server.eval_data if holdout is not None else None,
     }
     if cfg.data.pairing == "by_label":
@@ -88,6 +90,10 @@ def main(grid: Grid, context: Context) -> None:
             "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
         }
     record = RunRecord(run_dir, classes, header)
+    if pretrained:
+        print(f"[fedfuse] pretrained weights {pretrained['path']}: {len(pretrained['loaded'])} tensors loaded, "
+              f"{len(pretrained['not_loaded'])} not ({', '.join(list(pretrained['not_loaded'])[:4])}, ...)",
+              flush=True)
     print(f"[fedfuse] {len(names)} sites: {', '.join(sorted(names.values()))}; model {cfg.model.name}, "
           f"pairing {cfg.data.pairing}; central test set: "
           f"{f'{len(holdout)} patches' if holdout is not None else 'none (final = federated mean)'}", flush=True)

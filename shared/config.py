@@ -47,7 +47,12 @@ class DataConfig:
 class ModelConfig:
     """Which model, and its sizes."""
 
-    name: str = "fusion"  # fusion | cnn | mlp
+    name: str = "fusion"  # fusion | late_fusion | cnn | resnet18 | mlp (EHR alone, patch task)
+    image_encoder: str = "cnn"  # fusion / late_fusion: cnn | resnet18
+    resnet_norm: str = "group"  # resnet18: group (GroupNorm, out-of-place blocks; Opacus-ready) | batch
+    small_stem: bool = False  # resnet18: drop the stem's max-pool (finer maps on 64 px patches, 3x slower)
+    pretrained: str | None = None  # resnet18: local state-dict file, e.g. torchvision's ImageNet weights
+    freeze: bool = False  # resnet18: train only its projection (and the heads)
     image_latent: int = 64
     ehr_latent: int = 32
     hidden: int = 64
@@ -116,7 +121,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.preset": ("quick", "brecahad"),
     "data.border": ("reflect", "drop"),
     "data.pairing": ("linked", "by_label"),
-    "model.name": ("fusion", "cnn", "mlp"),
+    "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp"),
+    "model.image_encoder": ("cnn", "resnet18"),
+    "model.resnet_norm": ("group", "batch"),
     "train.class_weights": ("sqrt", "balanced", "none"),
     "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"),
 }

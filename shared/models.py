@@ -1,4 +1,4 @@
-"""The study's models: a simple CNN image encoder, an MLP EHR encoder, intermediate fusion.
+"""The study's models: CNN and ResNet-18 image encoders, an MLP EHR encoder, intermediate and late fusion.
 
 Intermediate fusion (Khandelwal et al. 2026): each modality is encoded into a
 latent vector, the two vectors are concatenated and an MLP head classifies.
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shared.config import ModelConfig
+from shared.resnet import ResNetEncoder, load_pretrained
 
 
 class CNNEncoder(nn.Module):
@@ -67,15 +68,32 @@ class MLPEncoder(nn.Module):
         return self.net(x)
 
 
-class FusionNet(nn.Module):
-    """Image and/or EHR encoders, concatenated latents, an MLP head."""
+def image_encoder(cfg: ModelConfig, name: str) -> nn.Module:
+    """The image encoder ``name`` (``cnn`` or ``resnet18``), frozen but for its projection if ``cfg.freeze``."""
+    if name == "cnn":
+        return CNNEncoder(cfg.image_latent)
+    encoder = ResNetEncoder(cfg.image_latent, cfg.resnet_norm, cfg.small_stem)
+    if cfg.freeze:
+        for p in encoder.backbone_parameters():
+            p.requires_grad_(False)
+    return encoder
 
-    def __init__(self, cfg: ModelConfig, n_features: int, n_classes: int) -> None:
+
+class FusionNet(nn.Module):
+    """Image and/or EHR encoders, layer-normalised latents concatenated, an MLP head.
+
+    ``cnn`` and ``resnet18`` use the image alone, ``mlp`` the EHR alone (on the
+    patch task), ``fusion`` both: the study's intermediate fusion.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_features: int, n_classes: int, kind: str | None = None) -> None:
         super().__init__()
-        self.kind = cfg.name
-        self.image = CNNEncoder(cfg.image_latent) if cfg.name in ("fusion", "cnn") else None
-        self.ehr = MLPEncoder(n_features, cfg.hidden, cfg.ehr_latent, cfg.dropout) \
-            if cfg.name in ("fusion", "mlp") else None
+        kind = kind or cfg.name
+        self.n_classes = n_classes
+        image_name = cfg.image_encoder if kind in ("fusion", "late_fusion") else kind
+        self.image = image_encoder(cfg, image_name) if kind in ("fusion", "cnn", "resnet18") else None
+        self.ehr = MLPEncoder(n_features, cfg.hidden, cfg.ehr_latent, cfg.dropout) if kind in ("fusion", "mlp") \
+            else None
         width = (cfg.image_latent if self.image else 0) + (cfg.ehr_latent if self.ehr else 0)
         self.image_norm = nn.LayerNorm(cfg.image_latent) if self.image else None
         self.ehr_norm = nn.LayerNorm(cfg.ehr_latent) if self.ehr else None
@@ -90,6 +108,49 @@ class FusionNet(nn.Module):
             parts.append(self.ehr_norm(self.ehr(ehr)))
         return self.head(torch.cat(parts, dim=1))  # (B, n_classes) logits
 
+    def loss(self, images: torch.Tensor, ehr: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
+        return loss_fn(self(images, ehr), labels)
 
-def build_model(cfg: ModelConfig, n_features: int, n_classes: int) -> FusionNet:
+
+class LateFusion(nn.Module):
+    """Late fusion, the comparison for intermediate fusion: the mean of two models' class probabilities.
+
+    An image model and an EHR MLP are trained on the same patch task, each on
+    its own loss (the summed loss has independent gradients per branch, so
+    this is training them apart); only their predictions are averaged.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.image_model = FusionNet(cfg, n_features, n_classes, kind=cfg.image_encoder)
+        self.ehr_model = FusionNet(cfg, n_features, n_classes, kind="mlp")
+
+    def forward(self, images: torch.Tensor, ehr: torch.Tensor) -> torch.Tensor:
+        probs = (torch.softmax(self.image_model(images, ehr), 1) + torch.softmax(self.ehr_model(images, ehr), 1)) / 2
+        return torch.log(probs.clamp_min(1e-12))  # log-probabilities: softmax of them gives the mean back
+
+    def loss(self, images: torch.Tensor, ehr: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
+        return loss_fn(self.image_model(images, ehr), labels) + loss_fn(self.ehr_model(images, ehr), labels)
+
+
+def build_model(cfg: ModelConfig, n_features: int, n_classes: int) -> nn.Module:
+    """The configured model (``model.name``) for ``n_features`` EHR inputs and ``n_classes`` classes."""
+    if cfg.name == "late_fusion":
+        return LateFusion(cfg, n_features, n_classes)
     return FusionNet(cfg, n_features, n_classes)
+
+
+def ehr_encoders(model: nn.Module) -> list[MLPEncoder]:
+    """The model's EHR encoders, whose scaling the server sets from the sites' statistics."""
+    return [m for m in model.modules() if isinstance(m, MLPEncoder)]
+
+
+def load_pretrained_weights(model: nn.Module, path: str) -> dict:
+    """Load a local ResNet-18 state dict into every ResNet encoder of ``model``; the report of the first."""
+    encoders = [m for m in model.modules() if isinstance(m, ResNetEncoder)]
+    if not encoders:
+        raise ValueError("model.pretrained is set, but the model has no resnet18 encoder "
+                         "(model.name resnet18, or model.image_encoder resnet18 with fusion / late_fusion)")
+    reports = [load_pretrained(e, path) for e in encoders]
+    return reports[0]

@@ -63,7 +63,7 @@ def train_epochs(
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             images, ehr, labels = _batch(samples, idx, True, gen)
-            loss = loss_fn(model(images, ehr), labels)
+            loss = model.loss(images, ehr, labels, loss_fn)
             total += loss.item() * len(idx)
             count += len(idx)
             if anchor is not None:
@@ -86,5 +86,4 @@ def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[
         logits = model(images, ehr)
         loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         probs.append(torch.softmax(logits, 1).numpy())
-    k = model.head[-1].out_features
-    return (np.concatenate(probs) if probs else np.zeros((0, k))), loss / max(len(samples), 1)
+    return (np.concatenate(probs) if probs else np.zeros((0, model.n_classes))), loss / max(len(samples), 1)

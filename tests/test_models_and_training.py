@@ -20,7 +20,7 @@ def toy(n=48, seed=0) -> Samples:
     return Samples(images, ehr, labels.astype(np.int64), np.array([f"Case_{i % 4}" for i in range(n)]))
 
 
-@pytest.mark.parametrize("name", ["fusion", "cnn", "mlp"])
+@pytest.mark.parametrize("name", ["fusion", "late_fusion", "cnn", "resnet18", "mlp"])
 def test_every_model_maps_a_batch_to_class_logits(name):
     model = build_model(ModelConfig(name=name), n_features=5, n_classes=3)
     probs, loss = predict(model, toy())

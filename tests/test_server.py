@@ -67,3 +67,32 @@ def test_federated_mean_weights_sites_by_examples(tmp_path):
     assert final["auc"]["mitosis"] == 0.9  # the site that could not score mitosis is left out
     assert final["confusion"][2][2] == 7
     assert json.loads((tmp_path / "metrics.json").read_text())["final"]["n"] == 40
+
+
+def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
+    import torch
+    from torchvision.models import resnet18
+
+    from shared.mimic import FEATURES
+    from shared.models import build_model
+
+    weights = tmp_path / "imagenet.pth"
+    torch.save(resnet18().state_dict(), weights)
+    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, patch_size=32),
+        model=dataclasses.replace(cfg.model, name="resnet18", resnet_norm="batch", pretrained=str(weights)),
+        train=dataclasses.replace(cfg.train, local_epochs=1),
+        federation=dataclasses.replace(cfg.federation, rounds=1),
+        server=dataclasses.replace(cfg.server, eval_data=None),
+    )
+    run_dir = tmp_path / "run"
+    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
+                                        **flatten(cfg)}, num_nodes=2)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["pretrained"]["path"] == str(weights) and "fc.weight" in metrics["pretrained"]["not_loaded"]
+    model = build_model(cfg.model, len(FEATURES), 3)
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))  # BN buffers survived FedAvg
+    assert model.image.net.bn1.num_batches_tracked.dtype == torch.int64
+    assert float(model.image.net.bn1.running_var.mean()) != 1.0  # the sites' batch statistics arrived
