@@ -5,7 +5,9 @@ same code runs in simulation and at a hospital:
 
 * deployment: ``data-dir`` is the hospital's folder (BreCaHAD/, mimic-iv/,
   linkage.csv); ``site-name`` optionally names it in the server's reports;
-* simulation: ``partition-id`` k selects ``<data.root>/site-<k>``.
+* simulation: ``partition-id`` k selects ``<data.root>/site-<k>``, or, with
+  ``data.partition`` other than ``natural``, the k-th group of cases re-dealt
+  from all the site folders under ``data.root``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from shared.config import Config, from_run_config
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
-from shared.models import FusionNet, build_model
+from shared.models import build_model
 from shared.serde import flatten_metrics
 from shared.train import predict, train_epochs
+from simulations.partition import load_partition
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 app = ClientApp()
@@ -37,15 +41,19 @@ def _site(context: Context) -> tuple[Config, int, str, Samples, Samples]:
         folder = Path(str(node["data-dir"]))
         index = int(node.get("site-index", 0))
         name = str(node.get("site-name", folder.name))
+        train, test = load_site(folder, cfg.data, seed=cfg.seed + index)
+    elif cfg.data.partition == "natural":
+        index = int(node["partition-id"])
+        name = f"site-{index}"
+        train, test = load_site(Path(cfg.data.root) / name, cfg.data, seed=cfg.seed + index)
     else:
         index = int(node["partition-id"])
-        folder = Path(cfg.data.root) / f"site-{index}"
-        name = folder.name
-    train, test = load_site(folder, cfg.data, seed=cfg.seed + index)
+        name = f"{cfg.data.partition}-{index}"
+        train, test = load_partition(Path(cfg.data.root), cfg.data, index, seed=cfg.seed)
     return cfg, index, name, train, test
 
 
-def _model(cfg: Config, msg: Message, n_features: int) -> FusionNet:
+def _model(cfg: Config, msg: Message, n_features: int) -> nn.Module:
     model = build_model(cfg.model, n_features, len(cfg.data.classes))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model

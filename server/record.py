@@ -9,8 +9,7 @@ import tempfile
 from pathlib import Path
 
 from shared.metrics import weighted_mean
-
-SCALARS = ("loss", "accuracy", "macro_auc", "macro_f1")
+from shared.serde import FLAT_KEYS as SCALARS
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -32,7 +32,9 @@ class DataConfig:
 
     root: str = "data/quickstart"  # holds site-<k>/ folders (simulation); generated if absent
     preset: str = "quick"  # synthetic preset used when root is absent: quick | brecahad
-    sites: int = 3
+    sites: int = 3  # simulated hospitals (SuperNodes)
+    partition: str = "natural"  # natural (one folder a site) | iid | dirichlet | quantity (cases re-dealt)
+    alpha: float = 0.5  # dirichlet / quantity: concentration; smaller is more skewed
     patch_size: int = 64
     border: str = "reflect"  # patches at the image border: reflect-pad, or drop (and count)
     classes: tuple[str, ...] = IMAGE_CLASSES  # BreCaHAD keys kept as patch classes, in label order
@@ -120,6 +122,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.preset": ("quick", "brecahad"),
     "data.border": ("reflect", "drop"),
+    "data.partition": ("natural", "iid", "dirichlet", "quantity"),
     "data.pairing": ("linked", "by_label"),
     "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp"),
     "model.image_encoder": ("cnn", "resnet18"),

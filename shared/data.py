@@ -118,6 +118,18 @@ def load_site(folder: Path, cfg: DataConfig, seed: int) -> tuple[Samples, Sample
     return split_by_case(load_folder(folder, cfg, seed), cfg.test_fraction, seed)
 
 
+def load_pooled(root: Path, cfg: DataConfig, seed: int) -> Samples:
+    """Every ``site-<k>`` folder under ``root`` in one set; cases named ``site-<k>/Case_<c>`` stay distinct."""
+    folders = sorted(Path(root).glob("site-*"), key=lambda p: (len(p.name), p.name))
+    if not folders:
+        raise DataFormatError(f"{root}: no site-<k> folders to pool")
+    parts = []
+    for k, folder in enumerate(folders):
+        s = load_folder(folder, cfg, seed + k)
+        parts.append(Samples(s.images, s.ehr, s.labels, np.char.add(f"{folder.name}/", s.cases)))
+    return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "ehr", "labels", "cases")])
+
+
 def ehr_statistics(ehr: np.ndarray) -> dict[str, np.ndarray]:
     """Per-feature count, sum and sum of squares of the observed values: what a site may share."""
     observed = ~np.isnan(ehr)

@@ -14,7 +14,7 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:
-    """Accuracy, macro AUC, per-class AUC, macro F1 and the confusion matrix (rows: true class)."""
+    """Accuracy, balanced accuracy, macro AUC, per-class AUC, macro F1 and the confusion matrix (rows: true class)."""
     labels = np.asarray(labels)
     pred = probs.argmax(1)
     auc = {}
@@ -23,9 +23,12 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: tuple
         auc[cls] = float(roc_auc_score(y, probs[:, ci])) if 0 < y.sum() < len(y) else math.nan
     scored = [v for v in auc.values() if not math.isnan(v)]
     k = list(range(len(classes)))
+    present = [c for c in k if (labels == c).any()]
+    recalls = [float((pred[labels == c] == c).mean()) for c in present]
     return {
         "n": int(len(labels)),
         "accuracy": float((pred == labels).mean()) if len(labels) else math.nan,
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan,  # mean recall of present classes
         "macro_auc": float(np.mean(scored)) if scored else math.nan,
         "auc": auc,
         "macro_f1": float(f1_score(labels, pred, labels=k, average="macro", zero_division=0)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-FLAT_KEYS = ("loss", "accuracy", "macro_auc", "macro_f1")
+FLAT_KEYS = ("loss", "accuracy", "balanced_accuracy", "macro_auc", "macro_f1")
 
 
 def flatten_metrics(metrics: dict, classes: tuple[str, ...]) -> dict[str, float | list[int]]:

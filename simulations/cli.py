@@ -93,7 +93,7 @@ def _simulate(args: argparse.Namespace) -> int:
         synth(root, cfg.data.sites, cfg.seed, cfg.data.preset,
               progress=lambda name: print(f"  generating {name} ...", flush=True))
     missing = [f"site-{k}" for k in range(cfg.data.sites) if not (root / f"site-{k}").is_dir()]
-    if missing:
+    if missing and cfg.data.partition == "natural":
         raise DataFormatError(f"{root}: data.sites is {cfg.data.sites} but {', '.join(missing)} is missing")
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

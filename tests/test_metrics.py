@@ -18,6 +18,13 @@ def test_perfect_and_reversed_scores():
     assert worst["macro_auc"] == 0.0
 
 
+def test_balanced_accuracy_is_the_mean_recall():
+    labels = np.array([0, 1, 1, 1, 1, 1, 1, 1, 2, 2])
+    pred = np.array([1, 1, 1, 1, 1, 1, 1, 1, 2, 1])  # recalls: 0, 1, 0.5
+    m = classification_metrics(labels, np.eye(3)[pred], CLASSES)
+    assert m["accuracy"] == 0.8 and m["balanced_accuracy"] == 0.5
+
+
 def test_class_absent_is_nan_and_left_out_of_the_mean():
     labels = np.array([1, 2, 1, 2])
     probs = np.array([[0.2, 0.7, 0.1], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3], [0.0, 0.6, 0.4]])
