@@ -13,18 +13,16 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from client.wire import from_record, to_record
 from server.record import RunRecord
 from server.strategy import build_strategy
-from shared.config import Config, dump, from_run_config
+from shared import learner
+from shared.config import Config, classes_of, dump, from_run_config, task_of
 from shared.data import load_folder, pooled_moments
 from shared.metrics import classification_metrics, ehr_only_auc
-from shared.mimic import FEATURES
-from shared.models import build_model, ehr_encoders, load_pretrained_weights
-from shared.train import predict
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 app = ServerApp()
@@ -63,28 +61,23 @@ def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
     run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
     dump(cfg, run_dir / "config.yaml")
-    classes = cfg.data.classes
+    classes = classes_of(cfg)
     started = time.time()
 
     names, stats = _site_statistics(grid, cfg)
-    torch.manual_seed(cfg.seed)  # the initial global model, the same for the same seed
-    model = build_model(cfg.model, len(FEATURES), len(classes))
-    mean, std = pooled_moments(stats)
-    for encoder in ehr_encoders(model):
-        encoder.mean.copy_(torch.from_numpy(mean))
-        encoder.std.copy_(torch.from_numpy(std))
-    pretrained = load_pretrained_weights(model, cfg.model.pretrained) if cfg.model.pretrained else None
+    weights, pretrained = learner.initial_weights(cfg, *pooled_moments(stats))
 
     holdout = None
     if cfg.server.eval_data and Path(cfg.server.eval_data).is_dir():
-        holdout = load_folder(Path(cfg.server.eval_data), cfg.data, seed=cfg.seed)
+        holdout = load_folder(Path(cfg.server.eval_data), cfg.data, cfg.seed, task_of(cfg))
     header = {
-        "name": cfg.name, "model": cfg.model.name, "pairing": cfg.data.pairing, "classes": list(classes),
+        "name": cfg.name, "model": cfg.model.name, "task": task_of(cfg), "pairing": cfg.data.pairing,
+        "classes": list(classes),
         "data_root": cfg.data.root, "sites": sorted(names.values()),
         "pretrained": pretrained or "none: weights initialised at random",
         "central_eval": cfg.server.eval_data if holdout is not None else None,
     }
-    if cfg.data.pairing == "by_label":
+    if cfg.data.pairing == "by_label" and task_of(cfg) == "patch":
         header["leakage"] = {
             "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
             "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
@@ -94,16 +87,15 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[fedfuse] pretrained weights {pretrained['path']}: {len(pretrained['loaded'])} tensors loaded, "
               f"{len(pretrained['not_loaded'])} not ({', '.join(list(pretrained['not_loaded'])[:4])}, ...)",
               flush=True)
-    print(f"[fedfuse] {len(names)} sites: {', '.join(sorted(names.values()))}; model {cfg.model.name}, "
-          f"pairing {cfg.data.pairing}; central test set: "
-          f"{f'{len(holdout)} patches' if holdout is not None else 'none (final = federated mean)'}", flush=True)
+    print(f"[fedfuse] {len(names)} sites: {', '.join(sorted(names.values()))}; model {cfg.model.name} "
+          f"({task_of(cfg)} task), pairing {cfg.data.pairing}; central test set: "
+          f"{f'{len(holdout)} samples' if holdout is not None else 'none (final = federated mean)'}", flush=True)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
         if holdout is not None:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            probs, loss = predict(model, holdout)
+            probs, loss = learner.predict(cfg, from_record(arrays), holdout)
             record.round(server_round)["central"] = {**classification_metrics(holdout.labels, probs, classes),
                                                      "loss": loss}
         record.close_round(server_round, cfg.federation.rounds)
@@ -112,14 +104,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg, record, names)
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=to_record(weights),
         num_rounds=cfg.federation.rounds,
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
         evaluate_fn=evaluate,
     )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
-    torch.save(model.state_dict(), run_dir / "model.pt")
+    learner.save(cfg, from_record(result.arrays), run_dir)
     final = record.finish({"seconds": round(time.time() - started, 1)})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())
     print(f"[fedfuse] final ({final['source']}): macro AUC {final.get('macro_auc', float('nan')):.3f} | "

@@ -54,10 +54,11 @@ class RunRecord:
         shown = entry.get("central") or entry.get("federated")
         source = "central" if entry.get("central") else "federated"
         if shown:
-            mit = shown["auc"].get("mitosis", math.nan)
+            # The class users watch: mitosis on the patch task, breast cancer on the EHR task.
+            key = "mitosis" if "mitosis" in self.classes else self.classes[-1]
             print(f"[fedfuse] round {r:>2}/{total} | train loss {entry.get('train_loss', math.nan):.3f} | "
                   f"loss {shown['loss']:.3f} | acc {shown['accuracy']:.3f} | macro AUC {shown['macro_auc']:.3f} | "
-                  f"mitosis AUC {mit:.3f} ({source})", flush=True)
+                  f"{key} AUC {shown['auc'][key]:.3f} ({source})", flush=True)
         self.save()
 
     def finish(self, extra: dict) -> dict:

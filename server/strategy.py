@@ -10,10 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
+    FedYogi,
+    Krum,
+)
 
 from server.record import RunRecord
-from shared.config import Config
+from shared.config import Config, classes_of
 from shared.serde import unflatten_metrics
 
 STRATEGIES: dict[str, type[FedAvg]] = {
@@ -24,6 +34,8 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "xgb_bagging": FedXgbBagging,  # xgboost: each site's new trees appended to the global model
+    "xgb_cyclic": FedXgbCyclic,  # xgboost: one site a round continues the whole model
 }
 
 
@@ -69,14 +81,19 @@ def _options(cfg: Config) -> dict:
     }.get(f.strategy, {})
 
 
+def _sampling(cfg: Config) -> dict:
+    n = cfg.federation.min_sites
+    if cfg.federation.strategy == "xgb_cyclic":  # one site a round; Flower fixes its own minimums
+        return {"min_available_nodes": n}
+    return {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
+
+
 def build_strategy(cfg: Config, record: RunRecord, site_names: dict[int, str]) -> FedAvg:
     """The configured strategy (``federation.strategy``), recording into ``record``."""
     base = STRATEGIES[cfg.federation.strategy]
     cls = type(f"Recording{base.__name__}", (Recording, base), {})
-    n = cfg.federation.min_sites
     return cls(
-        record, site_names, cfg.data.classes,
+        record, site_names, classes_of(cfg),
         fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
-        min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n,
-        **_options(cfg),
+        **_sampling(cfg), **_options(cfg),
     )

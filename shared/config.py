@@ -49,7 +49,7 @@ class DataConfig:
 class ModelConfig:
     """Which model, and its sizes."""
 
-    name: str = "fusion"  # fusion | late_fusion | cnn | resnet18 | mlp (EHR alone, patch task)
+    name: str = "fusion"  # patch task: fusion | late_fusion | cnn | resnet18; EHR task: mlp | xgboost
     image_encoder: str = "cnn"  # fusion / late_fusion: cnn | resnet18
     resnet_norm: str = "group"  # resnet18: group (GroupNorm, out-of-place blocks; Opacus-ready) | batch
     small_stem: bool = False  # resnet18: drop the stem's max-pool (finer maps on 64 px patches, 3x slower)
@@ -59,6 +59,9 @@ class ModelConfig:
     ehr_latent: int = 32
     hidden: int = 64
     dropout: float = 0.2
+    xgb_max_depth: int = 4  # xgboost
+    xgb_eta: float = 0.3  # xgboost: learning rate
+    xgb_local_rounds: int = 1  # xgboost: trees a site adds per server round
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ class FederationConfig:
     """The server's round loop."""
 
     rounds: int = 6
-    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum
+    # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum; for xgboost: xgb_bagging | xgb_cyclic
+    strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
@@ -124,16 +128,43 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.border": ("reflect", "drop"),
     "data.partition": ("natural", "iid", "dirichlet", "quantity"),
     "data.pairing": ("linked", "by_label"),
-    "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp"),
+    "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp", "xgboost"),
     "model.image_encoder": ("cnn", "resnet18"),
     "model.resnet_norm": ("group", "batch"),
     "train.class_weights": ("sqrt", "balanced", "none"),
-    "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"),
+    "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+                            "xgb_bagging", "xgb_cyclic"),
 }
 
 
 class ConfigError(ValueError):
     """A config value or key that cannot be used; the message names its dotted path."""
+
+
+# Which task each model solves: the three-class patch task, or breast cancer yes/no from the cohort.
+TASKS = {"fusion": "patch", "late_fusion": "patch", "cnn": "patch", "resnet18": "patch", "mlp": "ehr",
+         "xgboost": "ehr"}
+EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
+TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
+
+
+def task_of(cfg: Config) -> str:
+    return TASKS[cfg.model.name]
+
+
+def classes_of(cfg: Config) -> tuple[str, ...]:
+    """The class names the configured model predicts."""
+    return cfg.data.classes if task_of(cfg) == "patch" else EHR_CLASSES
+
+
+def _check(cfg: Config) -> Config:
+    """Settings that are valid alone but not together."""
+    trees = cfg.federation.strategy in TREE_STRATEGIES
+    if (cfg.model.name == "xgboost") != trees:
+        raise ConfigError(f"federation.strategy: {cfg.federation.strategy!r} does not fit model.name "
+                          f"{cfg.model.name!r}; xgboost federates with {' or '.join(TREE_STRATEGIES)}, "
+                          "the neural models with the others")
+    return cfg
 
 
 def _type_name(tp: Any) -> str:
@@ -201,7 +232,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return _build(Config, raw)
+        return _check(_build(Config, raw))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

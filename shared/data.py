@@ -64,11 +64,25 @@ def cache_dir_for(folder: Path, cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(folder) / ".fedfuse-cache"
 
 
-def load_folder(folder: Path, cfg: DataConfig, seed: int = 0) -> Samples:
-    """Every patch of a hospital folder with its paired EHR vector."""
+def load_cohort_samples(folder: Path, cfg: DataConfig) -> Samples:
+    """The EHR task: one sample per subject of the folder's cohort; the label is breast cancer.
+
+    ``images`` is empty (``(n, 0, 0, 3)``) so the same loops serve both tasks.
+    """
+    folder = Path(folder)
+    cohort = load_cohort(folder / "mimic-iv", cfg.positive, cache_dir_for(folder, cfg)).table
+    n = len(cohort)
+    return Samples(np.zeros((n, 0, 0, 3), np.uint8), cohort[list(FEATURES)].to_numpy(np.float32),
+                   cohort["label"].to_numpy(np.int64), cohort["subject_id"].astype(str).to_numpy())
+
+
+def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch") -> Samples:
+    """Every sample of a hospital folder: patches with their paired EHR vector, or cohort rows (``task="ehr"``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataFormatError(f"{folder}: hospital data folder not found")
+    if task == "ehr":
+        return load_cohort_samples(folder, cfg)
     cache = cache_dir_for(folder, cfg)
     patches = load_patches(folder / "BreCaHAD", cfg.classes, cfg.patch_size, cfg.border, cache)
     cohort = load_cohort(folder / "mimic-iv", cfg.positive, cache).table
@@ -102,7 +116,7 @@ def load_folder(folder: Path, cfg: DataConfig, seed: int = 0) -> Samples:
 
 
 def split_by_case(samples: Samples, test_fraction: float, seed: int) -> tuple[Samples, Samples]:
-    """Seeded train/test split of whole cases: no patient is on both sides."""
+    """Seeded train/test split of whole cases (patients; subjects for the EHR task): none on both sides."""
     cases = np.unique(samples.cases)
     if len(cases) < 2:
         raise DataFormatError(f"only {len(cases)} case(s) here; a train/test split by case needs at least 2")
@@ -113,19 +127,19 @@ def split_by_case(samples: Samples, test_fraction: float, seed: int) -> tuple[Sa
     return samples.subset(~is_test), samples.subset(is_test)
 
 
-def load_site(folder: Path, cfg: DataConfig, seed: int) -> tuple[Samples, Samples]:
+def load_site(folder: Path, cfg: DataConfig, seed: int, task: str = "patch") -> tuple[Samples, Samples]:
     """A site's (train, test) samples."""
-    return split_by_case(load_folder(folder, cfg, seed), cfg.test_fraction, seed)
+    return split_by_case(load_folder(folder, cfg, seed, task), cfg.test_fraction, seed)
 
 
-def load_pooled(root: Path, cfg: DataConfig, seed: int) -> Samples:
+def load_pooled(root: Path, cfg: DataConfig, seed: int, task: str = "patch") -> Samples:
     """Every ``site-<k>`` folder under ``root`` in one set; cases named ``site-<k>/Case_<c>`` stay distinct."""
     folders = sorted(Path(root).glob("site-*"), key=lambda p: (len(p.name), p.name))
     if not folders:
         raise DataFormatError(f"{root}: no site-<k> folders to pool")
     parts = []
     for k, folder in enumerate(folders):
-        s = load_folder(folder, cfg, seed + k)
+        s = load_folder(folder, cfg, seed + k, task)
         parts.append(Samples(s.images, s.ehr, s.labels, np.char.add(f"{folder.name}/", s.cases)))
     return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "ehr", "labels", "cases")])
 

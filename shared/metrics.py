@@ -13,6 +13,13 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 
+def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean cross-entropy of predicted probabilities (what ``predict`` reports for torch models)."""
+    if not len(labels):
+        return math.nan
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:
     """Accuracy, balanced accuracy, macro AUC, per-class AUC, macro F1 and the confusion matrix (rows: true class)."""
     labels = np.asarray(labels)
@@ -32,6 +39,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: tuple
         "macro_auc": float(np.mean(scored)) if scored else math.nan,
         "auc": auc,
         "macro_f1": float(f1_score(labels, pred, labels=k, average="macro", zero_division=0)),
+        # Binary tasks (the EHR task): F1 of the positive, last class; NaN for more classes.
+        "f1": float(f1_score(labels, pred, pos_label=1, average="binary", zero_division=0))
+        if len(classes) == 2 else math.nan,
         "confusion": confusion_matrix(labels, pred, labels=k).tolist(),
     }
 

@@ -1,4 +1,4 @@
-"""Metrics as flat scalars for Flower's MetricRecord, and back; written once for both sides.
+"""Message payloads without Flower: flat metrics and XGBoost boosters, written once for both sides.
 
 Flower's records carry flat ``str -> int | float | list`` maps and need every
 reply to have the same keys. A site's evaluation (nested: per-class AUC, a
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 
-FLAT_KEYS = ("loss", "accuracy", "balanced_accuracy", "macro_auc", "macro_f1")
+import numpy as np
+
+FLAT_KEYS = ("loss", "accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "f1")
 
 
 def flatten_metrics(metrics: dict, classes: tuple[str, ...]) -> dict[str, float | list[int]]:
@@ -32,3 +34,12 @@ def unflatten_metrics(flat: dict, classes: tuple[str, ...]) -> dict:
     if len(cells) == k * k:
         out["confusion"] = [[int(c) for c in cells[i * k : (i + 1) * k]] for i in range(k)]
     return out
+
+
+def booster_to_array(raw: bytes) -> np.ndarray:
+    """An XGBoost model (its JSON bytes; empty before the first round) as a uint8 array for an ArrayRecord."""
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def array_to_booster(array: np.ndarray) -> bytes:
+    return np.asarray(array, dtype=np.uint8).tobytes()

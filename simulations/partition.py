@@ -83,9 +83,11 @@ def _repair(groups: list[np.ndarray], names: np.ndarray, rng: np.random.Generato
     return [np.array(sorted(g, key=lambda n: index[n])) for g in groups]
 
 
-def load_partition(root: Path, cfg: DataConfig, index: int, seed: int) -> tuple[Samples, Samples]:
+def load_partition(
+    root: Path, cfg: DataConfig, index: int, seed: int, task: str = "patch"
+) -> tuple[Samples, Samples]:
     """Simulated site ``index`` of ``cfg.partition`` over the pooled cases under ``root``: (train, test)."""
-    pooled = load_pooled(root, cfg, seed)
+    pooled = load_pooled(root, cfg, seed, task)
     # The partition must be the same at every site: it is seeded by the run's seed alone.
     groups = partition_cases(pooled.cases, pooled.labels, cfg.sites, cfg.partition, cfg.alpha, seed)
     mine = pooled.subset(np.isin(pooled.cases, groups[index]))

@@ -53,7 +53,7 @@ def test_by_label_pairing_reports_its_leakage(quick_data, tmp_path):
 
 def test_federated_mean_weights_sites_by_examples(tmp_path):
     record = RunRecord(tmp_path, CLASSES, {"name": "t"})
-    site = {"loss": 1.0, "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_auc": 0.6, "macro_f1": 0.4,
+    site = {"loss": 1.0, "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_auc": 0.6, "macro_f1": 0.4, "f1": math.nan,
             "auc": {"mitosis": math.nan, "tumor": 0.6, "non_tumor": 0.6}, "confusion": [[0, 0, 0]] * 3}
     record.round(1)["sites"] = {
         "a": {**site, "n": 30},
