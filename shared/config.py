@@ -69,6 +69,7 @@ class TrainConfig:
     """Local training at a site, each round."""
 
     local_epochs: int = 2
+    steps: int = 0  # optimiser steps per local update (a fixed budget); 0: local_epochs passes instead
     batch_size: int = 32
     lr: float = 0.001
     weight_decay: float = 0.0001

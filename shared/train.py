@@ -44,7 +44,7 @@ def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generato
 def train_epochs(
     model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes: int, seed: int, proximal_mu: float = 0.0
 ) -> float:
-    """``cfg.local_epochs`` epochs of Adam on ``samples``; returns the mean training loss.
+    """Adam on ``samples`` for ``cfg.steps`` steps (or ``cfg.local_epochs`` passes); returns the mean loss.
 
     ``proximal_mu > 0`` adds FedProx's term (Li et al., MLSys 2020),
     ``mu / 2 * ||w - w_start||^2``, keeping a site near the global model it
@@ -57,10 +57,14 @@ def train_epochs(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
-    total, count = 0.0, 0
-    for _ in range(cfg.local_epochs):
+    total, count, steps = 0.0, 0, 0
+    budget = cfg.steps if cfg.steps > 0 else cfg.local_epochs * -(-len(samples) // cfg.batch_size)
+    while steps < budget and len(samples):
         order = rng.permutation(len(samples))
         for start in range(0, len(order), cfg.batch_size):
+            if steps == budget:
+                break
+            steps += 1
             idx = order[start : start + cfg.batch_size]
             images, ehr, labels = _batch(samples, idx, True, gen)
             loss = model.loss(images, ehr, labels, loss_fn)

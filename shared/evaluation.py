@@ -1,0 +1,62 @@
+"""One evaluation protocol for every model and training mode (FLamby's cross-silo matrix).
+
+A trained model is scored on each site's test split and on their union, the
+pooled test split: one row of the evaluation matrix (trained-where x
+tested-where). Confidence intervals come from a bootstrap over patients, not
+patches: patches of one patient are correlated, and resampling them alone
+would make the intervals too narrow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shared.data import Samples
+from shared.metrics import classification_metrics
+
+
+def concat(parts: list[Samples]) -> Samples:
+    """Several sites' samples as one (case names must already be distinct across sites)."""
+    fields = ("images", "ehr", "labels", "cases")
+    return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in fields])
+
+
+def matrix_row(predict, tests: dict[str, Samples], classes: tuple[str, ...], bootstrap: int = 0,
+               seed: int = 0) -> dict[str, dict]:
+    """Metrics of ``predict(samples) -> probs`` on every test split and on the pooled one (key ``pooled``).
+
+    Case names are prefixed with the site's name so that the pooled split
+    never merges two sites' ``Case_1``.
+    """
+    named = {site: Samples(s.images, s.ehr, s.labels, np.char.add(f"{site}/", s.cases.astype(str)))
+             for site, s in tests.items()}
+    row = {}
+    for site, samples in {**named, "pooled": concat(list(named.values()))}.items():
+        probs = predict(samples)
+        metrics = classification_metrics(samples.labels, probs, classes)
+        if bootstrap:
+            metrics["ci95"] = bootstrap_ci(samples, probs, classes, bootstrap, seed)
+        row[site] = metrics
+    return row
+
+
+def bootstrap_ci(samples: Samples, probs: np.ndarray, classes: tuple[str, ...], n: int, seed: int) -> dict:
+    """95 % percentile intervals of accuracy, macro AUC and each class's AUC, resampling whole cases."""
+    rng = np.random.default_rng(seed)
+    cases, inverse = np.unique(samples.cases, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(cases))]
+    draws: dict[str, list[float]] = {"accuracy": [], "macro_auc": [], **{f"auc.{c}": [] for c in classes}}
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(cases), len(cases))])
+        m = classification_metrics(samples.labels[idx], probs[idx], classes)
+        draws["accuracy"].append(m["accuracy"])
+        draws["macro_auc"].append(m["macro_auc"])
+        for c in classes:
+            draws[f"auc.{c}"].append(m["auc"][c])
+    out = {}
+    for key, values in draws.items():
+        v = np.array([x for x in values if not math.isnan(x)])
+        out[key] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
+    return out
