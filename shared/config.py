@@ -184,7 +184,7 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {value!r}")
-        return _build(tp, value, path)
+        return build_section(tp, value, path)
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
         if not isinstance(value, (list, tuple)):
@@ -204,7 +204,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+def build_section(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """A frozen dataclass from a mapping: unknown keys and wrong types fail with the dotted path."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -233,7 +234,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return _check(_build(Config, raw))
+        return _check(build_section(Config, raw))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

@@ -32,9 +32,12 @@ def matrix_row(predict, tests: dict[str, Samples], classes: tuple[str, ...], boo
     """
     named = {site: Samples(s.images, s.ehr, s.labels, np.char.add(f"{site}/", s.cases.astype(str)))
              for site, s in tests.items()}
+    pooled = concat(list(named.values()))
+    pooled_probs = predict(pooled)  # once; each site's rows are a slice of it
+    bounds = np.cumsum([0] + [len(s) for s in named.values()])
+    parts = {site: (s, pooled_probs[a:b]) for (site, s), a, b in zip(named.items(), bounds[:-1], bounds[1:])}
     row = {}
-    for site, samples in {**named, "pooled": concat(list(named.values()))}.items():
-        probs = predict(samples)
+    for site, (samples, probs) in {**parts, "pooled": (pooled, pooled_probs)}.items():
         metrics = classification_metrics(samples.labels, probs, classes)
         if bootstrap:
             metrics["ci95"] = bootstrap_ci(samples, probs, classes, bootstrap, seed)

@@ -78,3 +78,11 @@ def save(cfg: Config, weights: Weights, run_dir: Path) -> Path:
         path = run_dir / "model.pt"
         torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, path)
     return path
+
+
+def load(cfg: Config, run_dir: Path) -> Weights:
+    """The final model that :func:`save` wrote into ``run_dir``."""
+    if cfg.model.name == "xgboost":
+        return {"0": booster_to_array((run_dir / "model.json").read_bytes())}
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    return {k: v.numpy() for k, v in state.items()}

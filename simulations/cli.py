@@ -77,15 +77,10 @@ def _absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, server=dataclasses.replace(cfg.server, eval_data=fix(cfg.server.eval_data)))
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from simulations.flower import run_simulation
+def _ensure_data(cfg: Config) -> None:
+    """Generate ``data.root`` with ``data.preset`` if it is absent; check it has the sites the config needs."""
     from simulations.synth import synth
 
-
-    cfg = _absolute(load(args.config, parse_assignments(args.set)))
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
     root = Path(cfg.data.root)
     if not root.exists():
         print(f"no data at {root}: generating {cfg.data.sites} sites (preset {cfg.data.preset}, seed {cfg.seed})",
@@ -95,6 +90,30 @@ def _simulate(args: argparse.Namespace) -> int:
     missing = [f"site-{k}" for k in range(cfg.data.sites) if not (root / f"site-{k}").is_dir()]
     if missing and cfg.data.partition == "natural":
         raise DataFormatError(f"{root}: data.sites is {cfg.data.sites} but {', '.join(missing)} is missing")
+
+
+def _paper(args: argparse.Namespace) -> int:
+    from simulations.paper import load_paper, run_paper
+
+    base, paper = load_paper(Path(args.config), args.quick)
+    base = _absolute(base)
+    _ensure_data(base)
+    started = time.time()
+    table = run_paper(base, paper, echo=lambda line: print(line, flush=True))
+    print(table.read_text())
+    print(f"done in {time.time() - started:.0f} s: {table} and {table.with_suffix('.csv')}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.flower import run_simulation
+
+
+    cfg = _absolute(load(args.config, parse_assignments(args.set)))
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
+    _ensure_data(cfg)
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump(cfg, run_dir / "config.yaml")
@@ -142,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting (repeatable), e.g. --set federation.rounds=3")
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist")
     r.set_defaults(func=_simulate)
+
+    pp = sub.add_parser("paper", help="the study's six models, trained pooled, federated and local: a table")
+    pp.add_argument("--config", default="configs/paper.yaml", help="paper config (default configs/paper.yaml)")
+    pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
+    pp.set_defaults(func=_paper)
     return p
 
 

@@ -10,7 +10,7 @@ from server.app import app as server_app
 from server.record import RunRecord
 from shared.config import flatten, load
 from simulations.cli import _absolute
-from tests.inprocess import run_server
+from simulations.inprocess import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("mitosis", "tumor", "non_tumor")

@@ -15,7 +15,7 @@ from shared.config import ModelConfig, TrainConfig, flatten, load
 from shared.models import build_model
 from shared.train import train_epochs
 from simulations.cli import _absolute
-from tests.inprocess import run_server
+from simulations.inprocess import run_server
 from tests.test_models_and_training import toy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,221 @@
+"""``fedfuse paper``: the study's comparison, trained pooled, local and federated, at equal compute.
+
+For every model (cnn, resnet18, mlp, xgboost, fusion, late_fusion), seed and
+mode, a *cell* trains the model and scores it on every site's test split and
+on the pooled test split (``shared.evaluation``):
+
+* ``pooled``: all sites' training data in one place (the study's setting);
+* ``local``: each site alone; the table reports the mean over sites of each
+  local model's score on the pooled test split;
+* ``federated``: Flower (FedAvg, or bagging for XGBoost), through the
+  simulation engine (``engine: simulation``) or, for tests, the same
+  ServerApp and ClientApp with an in-process Grid (``engine: inprocess``).
+
+The budget is fixed per model in optimiser steps (trees for XGBoost), summed
+over sites, and equal across the modes: pooled trains ``B`` steps, each
+local site ``B / K``, and federated ``R`` rounds of ``B / (R K)`` steps at
+each of the ``K`` sites. Each finished cell is saved as JSON under
+``results/cells/``, keyed by its settings, so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from shared import learner
+from shared.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_section,
+    classes_of,
+    flatten,
+    from_dict,
+    task_of,
+    to_dict,
+)
+from shared.data import ehr_statistics, load_site, pooled_moments
+from shared.evaluation import concat, matrix_row
+
+MODES = ("pooled", "federated", "local")
+MODALITY = {"cnn": "image", "resnet18": "image", "mlp": "EHR", "xgboost": "EHR", "fusion": "image + EHR",
+            "late_fusion": "image + EHR"}
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """The comparison's own settings; ``base`` (in the YAML) is an ordinary fedfuse config."""
+
+    models: tuple[str, ...] = ("cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rounds: int = 5  # federated rounds for the neural models (XGBoost: one tree per site a round)
+    budgets: dict[str, int] = field(default_factory=lambda: {
+        "cnn": 600, "resnet18": 300, "mlp": 300, "xgboost": 60, "fusion": 600, "late_fusion": 600})
+    engine: str = "simulation"  # simulation (Flower's engine) | inprocess (same apps, in-process Grid; tests)
+    out: str = "results"
+
+
+def load_paper(path: Path, quick: bool) -> tuple[Config, PaperConfig]:
+    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(raw) - {"base", "paper", "quick"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; expected base, paper, quick")
+    small = raw.get("quick", {}) if quick else {}
+    try:
+        paper = build_section(PaperConfig, {**raw.get("paper", {}), **small.get("paper", {})}, "paper")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    base = apply_overrides(from_dict(raw.get("base", {}), f"{path} (base)"), small.get("set", {}))
+    missing = [m for m in paper.models if m not in paper.budgets]
+    if missing:
+        raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)}")
+    return base, paper
+
+
+def _model_config(base: Config, model: str, seed: int) -> Config:
+    strategy = "xgb_bagging" if model == "xgboost" else base.federation.strategy
+    if model != "xgboost" and strategy.startswith("xgb_"):
+        strategy = "fedavg"
+    return dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, name=model),
+                               federation=dataclasses.replace(base.federation, strategy=strategy))
+
+
+def _with_steps(cfg: Config, steps: int) -> Config:
+    """``cfg`` whose local update is exactly ``steps`` optimiser steps (trees for XGBoost)."""
+    steps = max(1, int(steps))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
+                               model=dataclasses.replace(cfg.model, xgb_local_rounds=steps))
+
+
+def _train_alone(cfg: Config, train, steps: int, seed: int):
+    mean, std = pooled_moments([ehr_statistics(train.ehr)])
+    weights, _ = learner.initial_weights(cfg, mean, std)
+    weights, _ = learner.local_update(_with_steps(cfg, steps), weights, train, seed)
+    return weights
+
+
+def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
+    """Train one (model, seed, mode) and return its evaluation-matrix rows."""
+    task, classes = task_of(cfg), classes_of(cfg)
+    root = Path(cfg.data.root)
+    sites = [f"site-{k}" for k in range(cfg.data.sites)]
+    splits = {s: load_site(root / s, cfg.data, cfg.seed + k, task) for k, s in enumerate(sites)}
+    tests = {s: test for s, (_, test) in splits.items()}
+    budget = paper.budgets[cfg.model.name]
+    k = len(sites)
+
+    def scorer(weights):
+        return lambda samples: learner.predict(cfg, weights, samples)[0]
+
+    if mode == "pooled":
+        train = concat([tr for tr, _ in splits.values()])
+        return {"pooled": matrix_row(scorer(_train_alone(cfg, train, budget, cfg.seed)), tests, classes)}
+    if mode == "local":
+        return {s: matrix_row(scorer(_train_alone(cfg, tr, budget / k, cfg.seed + i)), tests, classes)
+                for i, (s, (tr, _)) in enumerate(splits.items())}
+    if cfg.model.name == "xgboost":  # bagging: each round adds one tree per site
+        rounds, per_round = max(1, round(budget / k)), 1
+    else:
+        rounds, per_round = paper.rounds, budget / (paper.rounds * k)
+    fed = _with_steps(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds)),
+                      per_round)
+    run_dir = work / "run"
+    _federate(fed, run_dir, paper.engine)
+    return {"federated": matrix_row(scorer(learner.load(fed, run_dir)), tests, classes)}
+
+
+def _federate(cfg: Config, run_dir: Path, engine: str) -> None:
+    run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg)}
+    if engine == "inprocess":
+        from client.app import app as client_app
+        from server.app import app as server_app
+        from simulations.inprocess import run_server
+
+        run_server(server_app, client_app, run_config, cfg.data.sites)
+    else:
+        from simulations.flower import run_simulation
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_simulation(run_dir, run_config, cfg.data.sites, cfg.simulation.cpus_per_site, echo=lambda line: None)
+
+
+def _key(cfg: Config, paper: PaperConfig, mode: str) -> str:
+    blob = json.dumps({"cfg": to_dict(cfg), "mode": mode, "budget": paper.budgets[cfg.model.name],
+                       "rounds": paper.rounds, "engine": paper.engine}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_paper(base: Config, paper: PaperConfig, echo=print) -> Path:
+    """Every cell (cached), then the table; returns the table's path."""
+    out = Path(paper.out)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, str], list[dict]] = {}
+    for model in paper.models:
+        for seed in paper.seeds:
+            cfg = _model_config(base, model, seed)
+            for mode in MODES:
+                path = cells_dir / f"{model}-{mode}-seed{seed}-{_key(cfg, paper, mode)}.json"
+                if not path.is_file():
+                    started = time.time()
+                    rows = run_cell(cfg, paper, mode, cells_dir / f"work-{path.stem}")
+                    path.write_text(json.dumps({"model": model, "mode": mode, "seed": seed, "rows": rows,
+                                                "seconds": round(time.time() - started, 1)}))
+                    echo(f"{model:<12} {mode:<10} seed {seed}: {time.time() - started:.0f} s")
+                results.setdefault((model, mode), []).append(json.loads(path.read_text()))
+    return write_table(base, paper, results, out)
+
+
+def _summary(cells: list[dict], key: str) -> tuple[float, float]:
+    """Mean and std over seeds of a metric on the pooled test split (local: first the mean over sites)."""
+    per_seed = []
+    for cell in cells:
+        rows = cell["rows"].values()
+        values = [_metric(r["pooled"], key) for r in rows]
+        per_seed.append(float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else math.nan)
+    arr = np.array(per_seed)
+    return float(np.nanmean(arr)), float(np.nanstd(arr)) if len(arr) > 1 else 0.0
+
+
+def _metric(m: dict, key: str) -> float:
+    return float(m["auc"][key.split(".", 1)[1]]) if key.startswith("auc.") else float(m[key])
+
+
+def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> Path:
+    lines, csv = [], ["model,modality,task,mode,metric,mean,std"]
+    header = "| model | modality | task | " + " | ".join(
+        f"{mode} acc | {mode} macro AUC | {mode} mitosis / EHR AUC" for mode in MODES) + " |"
+    lines += [header, "|" + "---|" * (3 + 3 * len(MODES))]
+    for model in paper.models:
+        cfg = _model_config(base, model, 0)
+        task = task_of(cfg)
+        focus = "auc.mitosis" if task == "patch" else "auc.breast_cancer"
+        cells = [f"{model}", MODALITY[model], "patch (3 classes)" if task == "patch" else "EHR (breast cancer)"]
+        for mode in MODES:
+            for key in ("accuracy", "macro_auc", focus):
+                mean, std = _summary(results[(model, mode)], key)
+                cells.append(f"{mean:.3f} ± {std:.3f}")
+                csv.append(f"{model},{MODALITY[model]},{task},{mode},{key},{mean:.4f},{std:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\nScores on the pooled test split (every site's held-out cases), mean ± std over seeds "
+            f"{', '.join(map(str, paper.seeds))}; local: the mean over sites of each site's own model. "
+            f"Data: {base.data.root} ({base.data.sites} sites, partition {base.data.partition}); pairing "
+            f"{base.data.pairing}; pretrained weights: {base.model.pretrained or 'none (random initialisation)'}. "
+            f"Budget, in optimiser steps summed over sites (trees for XGBoost), equal across modes: "
+            + ", ".join(f"{m} {paper.budgets[m]}" for m in paper.models)
+            + f"; federated: {paper.rounds} rounds (XGBoost: budget / sites rounds of one tree per site), "
+            f"engine {paper.engine}.\n")
+    table = out / "paper_table.md"
+    table.write_text("# fedfuse: the study's models, pooled / federated / local\n\n" + "\n".join(lines) + "\n" + note)
+    (out / "paper_table.csv").write_text("\n".join(csv) + "\n")
+    return table

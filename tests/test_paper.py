@@ -1,0 +1,55 @@
+"""`fedfuse paper --quick`: six models x three modes at tiny budgets, cells cached, one table."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from simulations import paper as paper_mod
+from simulations.cli import _absolute
+from simulations.paper import load_paper, run_paper
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_paper(quick_data, tmp_path_factory):
+    base, paper = load_paper(ROOT / "configs/paper.yaml", quick=True)
+    out = tmp_path_factory.mktemp("paper")
+    base = _absolute(dataclasses.replace(base, data=dataclasses.replace(base.data, root=str(quick_data), sites=2)))
+    paper = dataclasses.replace(paper, out=str(out))
+    return base, paper, run_paper(base, paper, echo=lambda line: None)
+
+
+def test_table_has_six_models_and_three_modes_filled(quick_paper):
+    _, _, table = quick_paper
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion"]
+    assert all(len(r.split("|")) == 2 + 3 + 9 and "nan" not in r for r in rows)
+    csv = table.with_suffix(".csv").read_text().splitlines()
+    assert len(csv) == 1 + 6 * 3 * 3
+    assert "engine inprocess" in table.read_text() and "pairing linked" in table.read_text()
+
+
+def test_cells_are_cached_so_a_rerun_trains_nothing(quick_paper, monkeypatch):
+    base, paper, table = quick_paper
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached cell was trained again")
+
+    monkeypatch.setattr(paper_mod, "run_cell", no_training)
+    assert run_paper(base, paper, echo=lambda line: None) == table
+
+
+def test_evaluation_matrix_shape(quick_paper):
+    import json
+
+    _, paper, _ = quick_paper
+    local = json.loads(next((Path(paper.out) / "cells").glob("cnn-local-seed0-*.json")).read_text())
+    # trained-where (each site alone) x tested-where (each site's test split and the pooled one)
+    assert sorted(local["rows"]) == ["site-0", "site-1"]
+    assert all(sorted(r) == ["pooled", "site-0", "site-1"] for r in local["rows"].values())
+    pooled = json.loads(next((Path(paper.out) / "cells").glob("fusion-pooled-seed0-*.json")).read_text())
+    assert sorted(pooled["rows"]) == ["pooled"]
+    n = pooled["rows"]["pooled"]
+    assert n["pooled"]["n"] == n["site-0"]["n"] + n["site-1"]["n"]
