@@ -148,11 +148,12 @@ class Patches:
     labels: np.ndarray  # (n,) int64, index into classes
     cases: np.ndarray  # (n,) str
     tiles: np.ndarray  # (n,) str
+    points: np.ndarray  # (n, 2) normalised (x, y) centre of each patch
     dropped_at_border: int
 
 
 def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str) -> dict[str, np.ndarray]:
-    imgs, labels, cases, tiles, dropped = [], [], [], [], 0
+    imgs, labels, cases, tiles, points_kept, dropped = [], [], [], [], [], 0
     for tile in list_tiles(folder):
         points = read_points(tile.truth)
         image = read_image(tile.image)
@@ -163,11 +164,13 @@ def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str
             labels += [ci] * len(patches)
             cases += [tile.case] * len(patches)
             tiles += [tile.name] * len(patches)
+            points_kept.append(points[cls][kept])
     return {
         "images": np.concatenate(imgs) if imgs else np.zeros((0, patch_size, patch_size, 3), np.uint8),
         "labels": np.array(labels, np.int64),
         "cases": np.array(cases, dtype=str),
         "tiles": np.array(tiles, dtype=str),
+        "points": np.concatenate(points_kept) if points_kept else np.zeros((0, 2)),
         "dropped_at_border": np.array(dropped),
     }
 
@@ -181,10 +184,10 @@ def load_patches(
             raise ValueError(f"data.classes: {cls!r} is not a BreCaHAD key; expected some of {', '.join(POINT_KEYS)}")
     folder = Path(folder)
     tiles = list_tiles(folder)
-    key = fingerprint("brecahad-v1", classes, patch_size, border,
+    key = fingerprint("brecahad-v2", classes, patch_size, border,
                       *[p for t in tiles for p in (t.image, t.truth)])
     arrays = cached_arrays(cache_dir, f"patches-{key}", lambda: _decode(folder, classes, patch_size, border))
-    return Patches(arrays["images"], arrays["labels"], arrays["cases"], arrays["tiles"],
+    return Patches(arrays["images"], arrays["labels"], arrays["cases"], arrays["tiles"], arrays["points"],
                    int(arrays["dropped_at_border"]))
 
 

@@ -105,6 +105,14 @@ def _paper(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from simulations.predict import predict_folder
+
+    out, summary = predict_folder(Path(args.model), Path(args.data_dir), Path(args.out))
+    print(f"wrote {out}" + (f" and the per-tile mitotic counts {summary}" if summary else ""))
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
 
@@ -162,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist")
     r.set_defaults(func=_simulate)
 
+    pr = sub.add_parser("predict", help="apply a trained model to a hospital folder")
+    pr.add_argument("model", help="a run folder written by `fedfuse simulate` (config.yaml + model.pt / model.json)")
+    pr.add_argument("data_dir", help="hospital folder: BreCaHAD/, mimic-iv/, linkage.csv")
+    pr.add_argument("--out", required=True, help="CSV to write (patch task: also <name>-tiles.csv)")
+    pr.set_defaults(func=_predict)
+
     pp = sub.add_parser("paper", help="the study's six models, trained pooled, federated and local: a table")
     pp.add_argument("--config", default="configs/paper.yaml", help="paper config (default configs/paper.yaml)")
     pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so Flower processes are stopped
     try:
         return args.func(args)
-    except (ConfigError, DataFormatError, FileExistsError, SimulationError, ValueError) as err:
+    except (ConfigError, DataFormatError, FileExistsError, FileNotFoundError, SimulationError, ValueError) as err:
         print(f"fedfuse: error: {err}", file=sys.stderr)
         return 2
 
