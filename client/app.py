@@ -52,7 +52,8 @@ def _site(context: Context) -> Site:
         name = str(node.get("site-name", folder.name))
         train, test = load_site(folder, cfg.data, cfg.seed + index, task)
     elif cfg.data.partition == "natural":
-        index = int(node["partition-id"])
+        # With a site left out, the SuperNodes map onto the remaining sites in order.
+        index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][int(node["partition-id"])]
         name = f"site-{index}"
         train, test = load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task)
     else:

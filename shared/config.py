@@ -35,6 +35,7 @@ class DataConfig:
     sites: int = 3  # simulated hospitals (SuperNodes)
     partition: str = "natural"  # natural (one folder a site) | iid | dirichlet | quantity (cases re-dealt)
     alpha: float = 0.5  # dirichlet / quantity: concentration; smaller is more skewed
+    leave_out: int | None = None  # natural partition: this site trains nowhere (the unseen hospital)
     patch_size: int = 64
     border: str = "reflect"  # patches at the image border: reflect-pad, or drop (and count)
     classes: tuple[str, ...] = IMAGE_CLASSES  # BreCaHAD keys kept as patch classes, in label order
@@ -165,6 +166,11 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"federation.strategy: {cfg.federation.strategy!r} does not fit model.name "
                           f"{cfg.model.name!r}; xgboost federates with {' or '.join(TREE_STRATEGIES)}, "
                           "the neural models with the others")
+    leave_out = cfg.data.leave_out
+    if leave_out is not None and not 0 <= leave_out < cfg.data.sites:
+        raise ConfigError(f"data.leave_out: expected a site index in 0..{cfg.data.sites - 1}, got {leave_out}")
+    if leave_out is not None and cfg.data.partition != "natural":
+        raise ConfigError("data.leave_out: only with data.partition natural (a site is a folder)")
     return cfg
 
 

@@ -105,6 +105,19 @@ def _paper(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loso(args: argparse.Namespace) -> int:
+    from simulations.loso import run_loso
+
+    cfg = _absolute(load(args.config, parse_assignments(args.set)))
+    _ensure_data(cfg)
+    out = Path(args.out) if args.out else Path("results") / f"loso-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+    run_loso(cfg, out.resolve(), echo=lambda line: print(line, flush=True))
+    print((out / "loso.md").read_text())
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from simulations.predict import predict_folder
 
@@ -169,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting (repeatable), e.g. --set federation.rounds=3")
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist")
     r.set_defaults(func=_simulate)
+
+    lo = sub.add_parser("loso", help="leave one site out: train federated without it, test on it")
+    lo.add_argument("config", help="YAML experiment file")
+    lo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    lo.add_argument("--out", help="results folder (default results/loso-<name>-<timestamp>)")
+    lo.set_defaults(func=_loso)
 
     pr = sub.add_parser("predict", help="apply a trained model to a hospital folder")
     pr.add_argument("model", help="a run folder written by `fedfuse simulate` (config.yaml + model.pt / model.json)")

@@ -190,6 +190,28 @@ def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: floa
     raise SimulationError(f"flower-superlink did not become ready in {timeout:.0f} s; see {log_path}")
 
 
+def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: None) -> None:
+    """Run the app for ``cfg`` into ``run_dir``: Flower's simulation engine, or the in-process Grid.
+
+    ``data.leave_out`` takes one site out of the federation (``data.sites - 1``
+    SuperNodes).
+    """
+    from shared.config import flatten
+
+    run_dir = Path(run_dir).resolve()  # the apps run in another working directory
+    run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg)}
+    n_sites = cfg.data.sites - (cfg.data.leave_out is not None)
+    if engine == "inprocess":
+        from client.app import app as client_app
+        from server.app import app as server_app
+        from simulations.inprocess import run_server
+
+        run_server(server_app, client_app, run_config, n_sites)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_simulation(run_dir, run_config, n_sites, cfg.simulation.cpus_per_site, echo=echo)
+
+
 def flwr_run_local(extra_args: list[str]) -> int:
     """``flwr run . local --stream`` as the README documents, then stop the SuperLink it leaves running."""
     ray_tmp, own = ray_tmpdir(PROJECT_ROOT / ".flwr" / "ray")

@@ -38,13 +38,13 @@ from shared.config import (
     apply_overrides,
     build_section,
     classes_of,
-    flatten,
     from_dict,
     task_of,
     to_dict,
 )
 from shared.data import ehr_statistics, load_site, pooled_moments
 from shared.evaluation import concat, matrix_row
+from simulations.flower import federate
 
 MODES = ("pooled", "federated", "local")
 MODALITY = {"cnn": "image", "resnet18": "image", "mlp": "EHR", "xgboost": "EHR", "fusion": "image + EHR",
@@ -130,23 +130,8 @@ def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
     fed = _with_steps(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds)),
                       per_round)
     run_dir = work / "run"
-    _federate(fed, run_dir, paper.engine)
+    federate(fed, run_dir, paper.engine)
     return {"federated": matrix_row(scorer(learner.load(fed, run_dir)), tests, classes)}
-
-
-def _federate(cfg: Config, run_dir: Path, engine: str) -> None:
-    run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg)}
-    if engine == "inprocess":
-        from client.app import app as client_app
-        from server.app import app as server_app
-        from simulations.inprocess import run_server
-
-        run_server(server_app, client_app, run_config, cfg.data.sites)
-    else:
-        from simulations.flower import run_simulation
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_simulation(run_dir, run_config, cfg.data.sites, cfg.simulation.cpus_per_site, echo=lambda line: None)
 
 
 def _key(cfg: Config, paper: PaperConfig, mode: str) -> str:

@@ -34,7 +34,7 @@ def test_patch_predictions_and_mitotic_counts(tmp_path, quick_data, capsys):
     counts = inspect(quick_data / "site-0" / "BreCaHAD", ("mitosis", "tumor", "non_tumor"), 32, "reflect")
     assert len(rows) == sum(counts["patches"].values())
     assert rows["x"].between(0, 1).all() and rows["y"].between(0, 1).all()
-    np.testing.assert_allclose(rows[["p_mitosis", "p_tumor", "p_non_tumor"]].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(rows[["p_mitosis", "p_tumor", "p_non_tumor"]].sum(axis=1), 1.0, atol=1e-5)
     tiles = pd.read_csv(out.with_name("site0-tiles.csv"))
     assert tiles["annotated_mitoses"].sum() == counts["patches"]["mitosis"]
     assert tiles["predicted_mitoses"].sum() == (rows["predicted"] == "mitosis").sum()
