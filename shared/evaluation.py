@@ -28,7 +28,8 @@ def matrix_row(predict, tests: dict[str, Samples], classes: tuple[str, ...], boo
     """Metrics of ``predict(samples) -> probs`` on every test split and on the pooled one (key ``pooled``).
 
     Case names are prefixed with the site's name so that the pooled split
-    never merges two sites' ``Case_1``.
+    never merges two sites' ``Case_1``. With ``bootstrap`` resamples, the
+    pooled split's metrics get ``ci95`` intervals (over patients).
     """
     named = {site: Samples(s.images, s.ehr, s.labels, np.char.add(f"{site}/", s.cases.astype(str)))
              for site, s in tests.items()}
@@ -39,7 +40,7 @@ def matrix_row(predict, tests: dict[str, Samples], classes: tuple[str, ...], boo
     row = {}
     for site, (samples, probs) in {**parts, "pooled": (pooled, pooled_probs)}.items():
         metrics = classification_metrics(samples.labels, probs, classes)
-        if bootstrap:
+        if bootstrap and site == "pooled":
             metrics["ci95"] = bootstrap_ci(samples, probs, classes, bootstrap, seed)
         row[site] = metrics
     return row

@@ -61,6 +61,7 @@ class PaperConfig:
     budgets: dict[str, int] = field(default_factory=lambda: {
         "cnn": 600, "resnet18": 300, "mlp": 300, "xgboost": 60, "fusion": 600, "late_fusion": 600})
     engine: str = "simulation"  # simulation (Flower's engine) | inprocess (same apps, in-process Grid; tests)
+    bootstrap: int = 200  # resamples of patients for the 95 % intervals on the pooled test split
     out: str = "results"
 
 
@@ -114,15 +115,15 @@ def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
     budget = paper.budgets[cfg.model.name]
     k = len(sites)
 
-    def scorer(weights):
-        return lambda samples: learner.predict(cfg, weights, samples)[0]
+    def row(weights):
+        return matrix_row(lambda samples: learner.predict(cfg, weights, samples)[0], tests, classes,
+                          bootstrap=paper.bootstrap, seed=cfg.seed)
 
     if mode == "pooled":
         train = concat([tr for tr, _ in splits.values()])
-        return {"pooled": matrix_row(scorer(_train_alone(cfg, train, budget, cfg.seed)), tests, classes)}
+        return {"pooled": row(_train_alone(cfg, train, budget, cfg.seed))}
     if mode == "local":
-        return {s: matrix_row(scorer(_train_alone(cfg, tr, budget / k, cfg.seed + i)), tests, classes)
-                for i, (s, (tr, _)) in enumerate(splits.items())}
+        return {s: row(_train_alone(cfg, tr, budget / k, cfg.seed + i)) for i, (s, (tr, _)) in enumerate(splits.items())}
     if cfg.model.name == "xgboost":  # bagging: each round adds one tree per site
         rounds, per_round = max(1, round(budget / k)), 1
     else:
@@ -131,12 +132,13 @@ def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
                       per_round)
     run_dir = work / "run"
     federate(fed, run_dir, paper.engine)
-    return {"federated": matrix_row(scorer(learner.load(fed, run_dir)), tests, classes)}
+    return {"federated": row(learner.load(fed, run_dir))}
 
 
 def _key(cfg: Config, paper: PaperConfig, mode: str) -> str:
     blob = json.dumps({"cfg": to_dict(cfg), "mode": mode, "budget": paper.budgets[cfg.model.name],
-                       "rounds": paper.rounds, "engine": paper.engine}, sort_keys=True)
+                       "rounds": paper.rounds, "engine": paper.engine, "bootstrap": paper.bootstrap},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -161,23 +163,33 @@ def run_paper(base: Config, paper: PaperConfig, echo=print) -> Path:
     return write_table(base, paper, results, out)
 
 
-def _summary(cells: list[dict], key: str) -> tuple[float, float]:
-    """Mean and std over seeds of a metric on the pooled test split (local: first the mean over sites)."""
-    per_seed = []
+def _summary(cells: list[dict], key: str) -> tuple[float, float, float, float]:
+    """Over seeds: mean, std, and the mean 95 % bootstrap bounds of a metric on the pooled test split.
+
+    ``local`` cells hold one model per site: their values are first averaged over sites.
+    """
+    per_seed, lows, highs = [], [], []
     for cell in cells:
-        rows = cell["rows"].values()
-        values = [_metric(r["pooled"], key) for r in rows]
-        per_seed.append(float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else math.nan)
-    arr = np.array(per_seed)
-    return float(np.nanmean(arr)), float(np.nanstd(arr)) if len(arr) > 1 else 0.0
+        rows = [r["pooled"] for r in cell["rows"].values()]
+        per_seed.append(_nanmean([_metric(r, key) for r in rows]))
+        bounds = [r["ci95"][key] for r in rows if "ci95" in r]
+        lows.append(_nanmean([b[0] for b in bounds]))
+        highs.append(_nanmean([b[1] for b in bounds]))
+    std = float(np.nanstd(per_seed)) if len(per_seed) > 1 else 0.0
+    return _nanmean(per_seed), std, _nanmean(lows), _nanmean(highs)
 
 
-def _metric(m: dict, key: str) -> float:
+def _nanmean(values: list[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _metric(m: dict, key: str) -> float:  # key: "accuracy", "macro_auc" or "auc.<class>"
     return float(m["auc"][key.split(".", 1)[1]]) if key.startswith("auc.") else float(m[key])
 
 
 def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> Path:
-    lines, csv = [], ["model,modality,task,mode,metric,mean,std"]
+    lines, csv = [], ["model,modality,task,mode,metric,mean,std,ci95_low,ci95_high"]
     header = "| model | modality | task | " + " | ".join(
         f"{mode} acc | {mode} macro AUC | {mode} mitosis / EHR AUC" for mode in MODES) + " |"
     lines += [header, "|" + "---|" * (3 + 3 * len(MODES))]
@@ -188,12 +200,13 @@ def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> P
         cells = [f"{model}", MODALITY[model], "patch (3 classes)" if task == "patch" else "EHR (breast cancer)"]
         for mode in MODES:
             for key in ("accuracy", "macro_auc", focus):
-                mean, std = _summary(results[(model, mode)], key)
+                mean, std, low, high = _summary(results[(model, mode)], key)
                 cells.append(f"{mean:.3f} ± {std:.3f}")
-                csv.append(f"{model},{MODALITY[model]},{task},{mode},{key},{mean:.4f},{std:.4f}")
+                csv.append(f"{model},{MODALITY[model]},{task},{mode},{key},{mean:.4f},{std:.4f},{low:.4f},{high:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nScores on the pooled test split (every site's held-out cases), mean ± std over seeds "
             f"{', '.join(map(str, paper.seeds))}; local: the mean over sites of each site's own model. "
+            f"95 % intervals from a bootstrap over patients ({paper.bootstrap} resamples) are in the CSV. "
             f"Data: {base.data.root} ({base.data.sites} sites, partition {base.data.partition}); pairing "
             f"{base.data.pairing}; pretrained weights: {base.model.pretrained or 'none (random initialisation)'}. "
             f"Budget, in optimiser steps summed over sites (trees for XGBoost), equal across modes: "

@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from simulations import paper as paper_mod
@@ -28,6 +29,9 @@ def test_table_has_six_models_and_three_modes_filled(quick_paper):
     assert all(len(r.split("|")) == 2 + 3 + 9 and "nan" not in r for r in rows)
     csv = table.with_suffix(".csv").read_text().splitlines()
     assert len(csv) == 1 + 6 * 3 * 3
+    fusion_auc = next(line for line in csv if line.startswith("fusion,") and ",pooled,macro_auc," in line)
+    mean, low, high = (float(x) for x in np.array(fusion_auc.split(","))[[5, 7, 8]])
+    assert low <= high and low - 0.05 <= mean <= high + 0.05  # a bootstrap interval over patients
     assert "engine inprocess" in table.read_text() and "pairing linked" in table.read_text()
 
 
