@@ -22,6 +22,7 @@ from server.strategy import build_strategy
 from shared import learner
 from shared.config import Config, classes_of, dump, from_run_config, task_of
 from shared.data import load_folder, pooled_moments
+from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +97,10 @@ def main(grid: Grid, context: Context) -> None:
             return None
         if holdout is not None:
             probs, loss = learner.predict(cfg, from_record(arrays), holdout)
-            record.round(server_round)["central"] = {**classification_metrics(holdout.labels, probs, classes),
-                                                     "loss": loss}
+            central = {**classification_metrics(holdout.labels, probs, classes), "loss": loss}
+            if server_round == cfg.federation.rounds:  # the final model: 95 % intervals over patients
+                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=200, seed=cfg.seed)
+            record.round(server_round)["central"] = central
         record.close_round(server_round, cfg.federation.rounds)
         return None
 

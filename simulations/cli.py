@@ -129,25 +129,50 @@ def _predict(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
 
-
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
     run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
     _ensure_data(cfg)
     run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump(cfg, run_dir / "config.yaml")
-    run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(run_dir), **flatten(cfg)}
-    print(f"federated run '{cfg.name}': {cfg.data.sites} sites, model {cfg.model.name}, "
-          f"{cfg.federation.rounds} rounds -> {run_dir}", flush=True)
     started = time.time()
-    run_simulation(run_dir, run_config, cfg.data.sites, cfg.simulation.cpus_per_site)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    final = metrics["final"]
+    finals = {}
+    for seed in seeds:
+        run = dataclasses.replace(cfg, seed=seed)
+        folder = run_dir / f"seed-{seed}" if args.seeds else run_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        dump(run, folder / "config.yaml")
+        run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run)}
+        print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
+              f"{cfg.federation.rounds} rounds -> {folder}", flush=True)
+        run_simulation(folder, run_config, cfg.data.sites - (cfg.data.leave_out is not None),
+                       cfg.simulation.cpus_per_site)
+        finals[seed] = json.loads((folder / "metrics.json").read_text())["final"]
+    if args.seeds:
+        summary = seed_summary(finals)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print("over seeds " + ", ".join(map(str, seeds)) + ": "
+              + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()))
+    final = finals[seeds[-1]]
+    focus = "mitosis" if "mitosis" in final["auc"] else list(final["auc"])[-1]
     print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}, "
-          f"mitosis AUC {final['auc']['mitosis']:.3f}; metrics: {run_dir / 'metrics.json'}")
+          f"{focus} AUC {final['auc'][focus]:.3f}; metrics: {folder / 'metrics.json'}")
     return 0
+
+
+def seed_summary(finals: dict[int, dict]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation over seeds of the final accuracy, macro AUC and per-class AUC."""
+    import numpy as np
+
+    rows = list(finals.values())
+    keys = {"accuracy": lambda f: f["accuracy"], "macro_auc": lambda f: f["macro_auc"],
+            **{f"auc.{c}": (lambda f, c=c: f["auc"][c]) for c in rows[0]["auc"]}}
+    out = {}
+    for key, get in keys.items():
+        values = np.array([get(f) for f in rows], float)
+        out[key] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "n": len(values)}
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting (repeatable), e.g. --set federation.rounds=3")
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist")
+    r.add_argument("--seeds", help="repeat the run for each seed, e.g. 0,1,2 (into seed-<s>/), and report "
+                   "mean and std in summary.json")
     r.set_defaults(func=_simulate)
 
     lo = sub.add_parser("loso", help="leave one site out: train federated without it, test on it")

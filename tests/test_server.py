@@ -5,6 +5,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from client.app import app as client_app
 from server.app import app as server_app
 from server.record import RunRecord
@@ -49,6 +52,8 @@ def test_by_label_pairing_reports_its_leakage(quick_data, tmp_path):
     # The pairing put the label into the EHR: non-tumour patches got negative records.
     assert leak > 0.65
     assert metrics["final"]["source"] == "central"
+    low, high = metrics["final"]["ci95"]["macro_auc"]  # bootstrap over the holdout's patients
+    assert low <= metrics["final"]["macro_auc"] <= high
 
 
 def test_federated_mean_weights_sites_by_examples(tmp_path):
@@ -96,3 +101,14 @@ def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))  # BN buffers survived FedAvg
     assert model.image.net.bn1.num_batches_tracked.dtype == torch.int64
     assert float(model.image.net.bn1.running_var.mean()) != 1.0  # the sites' batch statistics arrived
+
+
+def test_seed_summary_is_mean_and_std_over_seeds():
+    from simulations.cli import seed_summary
+
+    finals = {s: {"accuracy": a, "macro_auc": m, "auc": {"mitosis": x, "tumor": 0.5}}
+              for s, a, m, x in [(0, 0.8, 0.9, 0.95), (1, 0.6, 0.7, math.nan), (2, 0.7, 0.8, 0.85)]}
+    summary = seed_summary(finals)
+    assert summary["accuracy"]["mean"] == pytest.approx(0.7) and summary["accuracy"]["n"] == 3
+    assert summary["macro_auc"]["std"] == pytest.approx(np.std([0.9, 0.7, 0.8]))
+    assert summary["auc.mitosis"]["mean"] == pytest.approx(0.9)  # a seed that could not score it is skipped
