@@ -20,7 +20,7 @@ from client.wire import from_record, to_record
 from server.record import RunRecord
 from server.strategy import build_strategy
 from shared import learner
-from shared.config import Config, classes_of, dump, from_run_config, task_of
+from shared.config import Config, classes_of, dump, eval_data_path, from_run_config, task_of
 from shared.data import load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
@@ -68,15 +68,18 @@ def main(grid: Grid, context: Context) -> None:
     names, stats = _site_statistics(grid, cfg)
     weights, pretrained = learner.initial_weights(cfg, *pooled_moments(stats))
 
-    holdout = None
-    if cfg.server.eval_data and Path(cfg.server.eval_data).is_dir():
-        holdout = load_folder(Path(cfg.server.eval_data), cfg.data, cfg.seed, task_of(cfg))
+    holdout, eval_path = None, eval_data_path(cfg)
+    if eval_path is not None:
+        if not eval_path.is_dir():
+            raise FileNotFoundError(f"server.eval_data: {eval_path} not found; set server.eval_data: null for a "
+                                    "server without a test set (final metrics are then the sites' mean)")
+        holdout = load_folder(eval_path, cfg.data, cfg.seed, task_of(cfg))
     header = {
         "name": cfg.name, "model": cfg.model.name, "task": task_of(cfg), "pairing": cfg.data.pairing,
         "classes": list(classes),
         "data_root": cfg.data.root, "sites": sorted(names.values()),
         "pretrained": pretrained or "none: weights initialised at random",
-        "central_eval": cfg.server.eval_data if holdout is not None else None,
+        "central_eval": str(eval_path) if holdout is not None else None,
     }
     if cfg.data.pairing == "by_label" and task_of(cfg) == "patch":
         header["leakage"] = {

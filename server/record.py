@@ -15,9 +15,13 @@ from shared.serde import FLAT_KEYS as SCALARS
 def write_json(path: Path, obj: dict) -> None:
     """Write atomically (temporary file, then rename): a crash never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def federated_mean(sites: dict[str, dict], classes: tuple[str, ...]) -> dict:

@@ -49,7 +49,11 @@ class Recording:
         self.classes = classes
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:  # Flower would go on with the old model and report it as trained
+            reasons = "; ".join(m.error.reason for m in replies if m.has_error())[:2000]
+            raise RuntimeError(f"round {server_round}: no site returned a usable update ({reasons or 'no replies'})")
         if metrics is not None:
             self.record.round(server_round)["train_loss"] = float(metrics["train_loss"])
         return arrays, metrics

@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shared.cache import cached_arrays, fingerprint
+from shared.config import BRECAHAD_KEYS
 
-POINT_KEYS = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
+POINT_KEYS = BRECAHAD_KEYS  # the seven keys of a ground-truth file, in the data set's order
 NAME = re.compile(r"^Case_(\d+)-(\d+)$")
 
 
@@ -184,7 +185,7 @@ def load_patches(
             raise ValueError(f"data.classes: {cls!r} is not a BreCaHAD key; expected some of {', '.join(POINT_KEYS)}")
     folder = Path(folder)
     tiles = list_tiles(folder)
-    key = fingerprint("brecahad-v2", classes, patch_size, border,
+    key = fingerprint("brecahad-v2", str(folder.resolve()), classes, patch_size, border,
                       *[p for t in tiles for p in (t.image, t.truth)])
     arrays = cached_arrays(cache_dir, f"patches-{key}", lambda: _decode(folder, classes, patch_size, border))
     return Patches(arrays["images"], arrays["labels"], arrays["cases"], arrays["tiles"], arrays["points"],
@@ -201,8 +202,11 @@ def inspect(folder: Path, classes: tuple[str, ...], patch_size: int, border: str
         pts = read_points(tile.truth)
         for k in POINT_KEYS:
             points[k] += len(pts[k])
-        with Image.open(tile.image) as im:  # the header is enough to know the size
-            w, h = im.size
+        try:
+            with Image.open(tile.image) as im:  # the header is enough to know the size
+                w, h = im.size
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataFormatError(f"{tile.image}: cannot read the image header: {err}") from None
         for cls in classes:
             kept = _centres(pts[cls], w, h, patch_size, border)[2]
             patches[cls] += int(kept.sum())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 IMAGE_CLASSES = ("mitosis", "tumor", "non_tumor")
+BRECAHAD_KEYS = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class FederationConfig:
 class ServerConfig:
     """What the server holds: a central test set, if any."""
 
-    eval_data: str | None = "data/quickstart/holdout"
+    eval_data: str | None = "holdout"  # a hospital-layout folder; relative: inside data.root; null: none
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.border": ("reflect", "drop"),
     "data.partition": ("natural", "iid", "dirichlet", "quantity"),
     "data.pairing": ("linked", "by_label"),
+    "data.positive[]": ("invasive", "in_situ", "history", "family_history", "er_status"),
     "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp", "xgboost"),
     "model.image_encoder": ("cnn", "resnet18"),
     "model.resnet_norm": ("group", "batch"),
@@ -150,6 +153,14 @@ EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
 TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
 
 
+def eval_data_path(cfg: Config) -> Path | None:
+    """The server's test set: ``server.eval_data``, a relative path taken inside ``data.root``."""
+    if not cfg.server.eval_data:
+        return None
+    path = Path(cfg.server.eval_data)
+    return path if path.is_absolute() else Path(cfg.data.root) / path
+
+
 def task_of(cfg: Config) -> str:
     return TASKS[cfg.model.name]
 
@@ -166,6 +177,39 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"federation.strategy: {cfg.federation.strategy!r} does not fit model.name "
                           f"{cfg.model.name!r}; xgboost federates with {' or '.join(TREE_STRATEGIES)}, "
                           "the neural models with the others")
+    if cfg.federation.strategy == "xgb_bagging" and cfg.model.xgb_local_rounds != 1:
+        raise ConfigError("model.xgb_local_rounds: xgb_bagging appends one tree per site a round "
+                          f"(Flower keeps num_parallel_tree trees of each reply); got {cfg.model.xgb_local_rounds}")
+    d, t, f, m = cfg.data, cfg.train, cfg.federation, cfg.model
+    ranges = [
+        ("data.sites", d.sites >= 1, "at least 1"),
+        ("data.patch_size", d.patch_size >= 8, "at least 8"),
+        ("data.test_fraction", 0 < d.test_fraction < 1, "between 0 and 1"),
+        ("data.alpha", d.alpha > 0, "positive"),
+        ("train.batch_size", t.batch_size >= 1, "at least 1"),
+        ("train.local_epochs", t.local_epochs >= 1 or t.steps >= 1, "at least 1 (or train.steps at least 1)"),
+        ("train.steps", t.steps >= 0, "0 or more"),
+        ("train.lr", t.lr > 0, "positive"),
+        ("train.threads", t.threads >= 1, "at least 1"),
+        ("federation.rounds", f.rounds >= 1, "at least 1"),
+        ("federation.min_sites", 1 <= f.min_sites <= d.sites, f"between 1 and data.sites ({d.sites})"),
+        ("federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]"),
+        ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
+        ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
+        ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
+    ]
+    for key, ok, expected in ranges:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}")
+    unknown = [c for c in d.classes if c not in BRECAHAD_KEYS]
+    if unknown:
+        raise ConfigError(f"data.classes: {unknown} are not BreCaHAD keys; expected some of {', '.join(BRECAHAD_KEYS)}")
+    if d.pairing == "by_label" and set(d.classes) - set(d.label_map):
+        raise ConfigError(f"data.label_map: no EHR label for {sorted(set(d.classes) - set(d.label_map))}")
+    resnet = m.name == "resnet18" or (m.name in ("fusion", "late_fusion") and m.image_encoder == "resnet18")
+    if (m.pretrained or m.freeze) and not resnet:
+        raise ConfigError("model.pretrained / model.freeze: only for a ResNet-18 encoder (model.name resnet18, or "
+                          "model.image_encoder resnet18 with fusion or late_fusion)")
     leave_out = cfg.data.leave_out
     if leave_out is not None and not 0 <= leave_out < cfg.data.sites:
         raise ConfigError(f"data.leave_out: expected a site index in 0..{cfg.data.sites - 1}, got {leave_out}")
@@ -205,8 +249,9 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    if path in CHOICES and value not in CHOICES[path]:
-        raise ConfigError(f"{path}: expected one of {', '.join(CHOICES[path])}, got {value!r}")
+    choices = CHOICES.get(re.sub(r"\[\d+\]$", "[]", path))  # list items share their list's choices
+    if choices and value not in choices:
+        raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -280,7 +325,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             close = difflib.get_close_matches(key, list(hints), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key}: unknown key{hint}")
-        if isinstance(value, str) and hints[key] is not str:
+        if isinstance(value, str) and hints[key] == (str | None):  # a path: kept as written, but null/none
+            value = None if value.strip().lower() in ("", "null", "none", "~") else value
+        elif isinstance(value, str) and hints[key] is not str:
             try:
                 value = yaml.safe_load(value) if value.strip() else None
             except yaml.YAMLError as err:
@@ -319,6 +366,8 @@ def flatten(cfg: Config) -> dict[str, bool | int | float | str]:
                 walk(v, f"{prefix}{k}.")
             elif isinstance(v, (bool, int, float, str)):
                 out[f"{prefix}{k}"] = v
+            elif v is None:
+                out[f"{prefix}{k}"] = "null"
             else:
                 out[f"{prefix}{k}"] = yaml.safe_dump(v, default_flow_style=True).strip()
 

@@ -30,12 +30,12 @@ from shared.mimic import FEATURES, load_cohort
 
 @dataclass(frozen=True)
 class Samples:
-    """Aligned arrays, one entry per patch."""
+    """Aligned arrays, one entry per patch (or per subject, for the EHR task)."""
 
     images: np.ndarray  # (n, P, P, 3) uint8
     ehr: np.ndarray  # (n, F) float32, NaN where the record has no value
     labels: np.ndarray  # (n,) int64
-    cases: np.ndarray  # (n,) str
+    cases: np.ndarray  # (n,) str: the patient, the unit of every split (linked: "subject-<id>")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,7 +49,10 @@ def read_linkage(folder: Path) -> dict[str, int]:
     path = Path(folder) / "linkage.csv"
     if not path.is_file():
         raise DataFormatError(f"{folder}: no linkage.csv (columns case_id, subject_id) for data.pairing=linked")
-    table = pd.read_csv(path, dtype=str)
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{path}: cannot read as CSV: {err}") from None
     missing = [c for c in ("case_id", "subject_id") if c not in table.columns]
     if missing:
         raise DataFormatError(f"{path}: missing column(s) {', '.join(missing)}; expected case_id, subject_id")
@@ -57,7 +60,11 @@ def read_linkage(folder: Path) -> dict[str, int]:
     if ids.isna().any():
         row = int(ids.isna().to_numpy().argmax()) + 2  # 1-based, after the header
         raise DataFormatError(f"{path}: row {row}: subject_id {table['subject_id'].iloc[row - 2]!r} is not an integer")
-    return dict(zip(table["case_id"].str.strip(), ids.astype(np.int64)))
+    table = table.assign(case_id=table["case_id"].str.strip(), subject_id=ids.astype(np.int64))
+    clash = table.groupby("case_id")["subject_id"].nunique()
+    if (clash > 1).any():
+        raise DataFormatError(f"{path}: case_id {clash[clash > 1].index[0]!r} is linked to more than one subject_id")
+    return dict(zip(table["case_id"], table["subject_id"]))
 
 
 def cache_dir_for(folder: Path, cfg: DataConfig) -> Path:
@@ -99,7 +106,10 @@ def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch
             raise DataFormatError(f"{folder / 'linkage.csv'}: subject_id(s) {unknown[:5]} not in "
                                   f"{folder / 'mimic-iv/hosp/patients.csv.gz'}")
         rows = row_of.loc[subjects].to_numpy()
+        # The patient is the unit of every split: several cases (slides) of one subject stay together.
+        units = np.char.add("subject-", subjects.astype(str))
     else:
+        units = patches.cases
         rng = np.random.default_rng(seed)
         labels = cohort["label"].to_numpy()
         rows = np.empty(len(patches.labels), np.int64)
@@ -112,7 +122,7 @@ def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch
                 raise DataFormatError(f"{folder / 'mimic-iv'}: no cohort rows with label {cfg.label_map[cls]} "
                                       f"to pair with {cls!r} patches (data.pairing=by_label)")
             rows[sel] = rng.choice(pool, int(sel.sum())) if sel.any() else rows[sel]
-    return Samples(patches.images, features[rows], patches.labels, patches.cases)
+    return Samples(patches.images, features[rows], patches.labels, units)
 
 
 def split_by_case(samples: Samples, test_fraction: float, seed: int) -> tuple[Samples, Samples]:

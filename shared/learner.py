@@ -2,7 +2,7 @@
 
 A torch network's weights are its state dict; an XGBoost model's are one
 uint8 array holding the booster's JSON (empty before the first round). The
-ClientApp and ServerApp call only these four functions, so neither knows
+ClientApp and ServerApp call only these functions, so neither knows
 which kind of model it federates.
 """
 

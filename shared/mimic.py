@@ -9,8 +9,10 @@ and ER status (Z17.x / V86.x) do not: they say nothing of current disease.
 No leakage from the label into the features:
 
 * each subject has an *index* admission: for a positive the earliest
-  admission with a breast cancer code, for a negative the latest admission;
-  features use only data up to the index admission's discharge time (labs by
+  admission with a breast cancer code; for everyone else one admission picked
+  by a hash of the subject_id (anywhere in the record, as for positives, so
+  the length of history before the index does not give the label away).
+  Features use only data up to the index admission's discharge time (labs by
   ``charttime``, omr by ``chartdate``, diagnoses of admissions that started no
   later than the index one). A subject with no admission gets no cut-off;
 * the only diagnosis features are fixed comorbidity groups, none
@@ -81,10 +83,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "diagnoses_icd": ("subject_id", "hadm_id", "icd_code", "icd_version"),
     "d_labitems": ("itemid",),
     "labevents": ("subject_id", "itemid", "charttime", "valuenum"),
-    "omr": ("subject_id", "chartdate", "result_name", "result_value"),
+    "omr": ("subject_id", "chartdate", "seq_num", "result_name", "result_value"),
 }
 LAB_CHUNK = 1_000_000
-FAR_PAST, FAR_FUTURE = pd.Timestamp("1000-01-01"), pd.Timestamp("9999-12-31")  # cut-offs for "none" and "all"
+FAR_FUTURE = pd.Timestamp("9999-12-31")  # the cut-off of a subject without admissions: keep everything
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _read(hosp: Path, name: str, **kwargs) -> pd.DataFrame:
     path = _table(hosp, name)
     try:
         header = pd.read_csv(path, nrows=0).columns
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, UnicodeDecodeError) as err:
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, EOFError, UnicodeDecodeError) as err:
         raise DataFormatError(f"{path}: cannot read as CSV: {err}") from None
     missing = [c for c in REQUIRED[name] if c not in header]
     if missing:
@@ -114,8 +116,8 @@ def _read(hosp: Path, name: str, **kwargs) -> pd.DataFrame:
                               f"{', '.join(REQUIRED[name])}")
     try:
         return pd.read_csv(path, usecols=list(REQUIRED[name]), **kwargs)
-    except (pd.errors.ParserError, OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataFormatError(f"{path}: cannot read: {err}") from None
+    except (pd.errors.ParserError, OSError, EOFError, UnicodeDecodeError, ValueError) as err:
+        raise DataFormatError(f"{path}: cannot read (truncated or malformed?): {err}") from None
 
 
 def _matches(codes: pd.Series, versions: pd.Series, groups: dict[int, tuple[str, ...]]) -> pd.Series:
@@ -179,19 +181,22 @@ def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")
     positive_ids = set(dx.loc[dx["breast"], "subject_id"])
     out["label"] = out["subject_id"].isin(positive_ids).astype(int)
 
-    # Index admission: first breast-coded one for positives, the last one for negatives.
+    # Index admission. A positive's is its first admission with a breast cancer code. Everyone else's (and
+    # a positive's whose coded admission is not on file) is one of their admissions picked by a hash of the
+    # subject_id: anywhere in the record, as a positive's is. Taking negatives' last admission instead made
+    # the amount of history before the index (admission count, age, lab coverage) predict the label.
     first_breast = dx.loc[dx["breast"] & ~no_adm].groupby("hadm_id").size().index
     adm_pos = adm.loc[adm["hadm_id"].isin(first_breast)].sort_values("admittime").groupby("subject_id").head(1)
-    adm_last = adm.sort_values("admittime").groupby("subject_id").tail(1)
-    index = pd.concat([adm_pos, adm_last.loc[~adm_last["subject_id"].isin(positive_ids)]])
+    others = adm.loc[~adm["subject_id"].isin(adm_pos["subject_id"])].sort_values(["subject_id", "admittime"],
+                                                                                 kind="stable")
+    count = others.groupby("subject_id")["hadm_id"].transform("size")
+    pick = (others["subject_id"] * 2654435761 % 2**32) % count  # Knuth's multiplicative hash
+    index = pd.concat([adm_pos, others.loc[others.groupby("subject_id").cumcount() == pick]])
     index = index.set_index("subject_id")
     admit_at = out["subject_id"].map(index["admittime"])
-    cutoff = out["subject_id"].map(index["dischtime"])
-    # A positive whose breast-coded admission is not on file has no safe cut-off: drop its timed data.
     lost = out["label"].eq(1) & ~out["subject_id"].isin(adm_pos["subject_id"])
-    cutoff = cutoff.where(~lost, FAR_PAST)
     skipped["positives_without_index_admission"] = int(lost.sum())
-    cutoff = cutoff.fillna(FAR_FUTURE)  # no admission: nothing to cut
+    cutoff = out["subject_id"].map(index["dischtime"]).fillna(FAR_FUTURE)  # no admission: nothing to cut
     cut = pd.Series(cutoff.to_numpy(), index=out["subject_id"])
 
     year = admit_at.dt.year.to_numpy(dtype=float)
@@ -199,7 +204,7 @@ def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")
     before = adm.loc[adm["admittime"] <= adm["subject_id"].map(cut)]
     out["n_admissions"] = out["subject_id"].map(before.groupby("subject_id").size()).fillna(0).to_numpy()
 
-    index_admit = pd.Series(admit_at.fillna(FAR_FUTURE).where(~lost, FAR_PAST).to_numpy(), index=out["subject_id"])
+    index_admit = pd.Series(admit_at.fillna(FAR_FUTURE).to_numpy(), index=out["subject_id"])
     dx_before = dx.loc[~no_adm & (dx["admittime"] <= dx["subject_id"].map(index_admit))]
     for name, grp in COMORBIDITIES.items():
         ids = set(dx_before.loc[_matches(dx_before["icd_code"], dx_before["icd_version"], grp), "subject_id"])
@@ -221,7 +226,8 @@ def _add_omr(out: pd.DataFrame, hosp: Path, cut: pd.Series, skipped: dict[str, i
         omr.loc[name.str.startswith(prefix) & omr["feature"].isna(), "feature"] = feat
     omr = omr.loc[omr["feature"].notna() & omr["day"].notna()]
     limit = omr["subject_id"].map(cut).dt.normalize()
-    omr = omr.loc[omr["day"] <= limit].sort_values("day")
+    omr["seq"] = pd.to_numeric(omr["seq_num"], errors="coerce")
+    omr = omr.loc[omr["day"] <= limit].sort_values(["day", "seq"], kind="stable")  # "latest" is well defined
     value = omr["result_value"].fillna("").str.strip()
 
     bp = omr["feature"] == "bp"
@@ -250,27 +256,14 @@ def _add_labs(out: pd.DataFrame, hosp: Path, cut: pd.Series, skipped: dict[str, 
     panel = {i: v for i, v in LAB_PANEL.items() if i in known_ids}
     parts = []
     path = _table(hosp, "labevents")
-    _read(hosp, "labevents", nrows=0)  # checks the columns, names the file if one is missing
+    _read(hosp, "labevents", nrows=0)  # checks the columns: a missing one is named with the file
     for k in ("lab_unknown_itemid", "lab_empty_valuenum", "lab_implausible"):
         skipped[k] = 0
-    reader = pd.read_csv(path, usecols=list(REQUIRED["labevents"]), dtype=str, chunksize=LAB_CHUNK)
-    for chunk in reader:
-        chunk = _numeric_ids(chunk, "subject_id", skipped, "lab_bad_id")
-        itemid = pd.to_numeric(chunk["itemid"], errors="coerce")
-        unknown = ~itemid.isin(known_ids)
-        skipped["lab_unknown_itemid"] += int(unknown.sum())
-        chunk = chunk.loc[~unknown & itemid.isin(panel)].assign(itemid=itemid)
-        value = pd.to_numeric(chunk["valuenum"], errors="coerce")
-        skipped["lab_empty_valuenum"] += int(value.isna().sum())
-        lo = chunk["itemid"].map({i: v[1] for i, v in panel.items()})
-        hi = chunk["itemid"].map({i: v[2] for i, v in panel.items()})
-        plausible = value.between(lo, hi)
-        skipped["lab_implausible"] += int((value.notna() & ~plausible).sum())
-        t = pd.to_datetime(chunk["charttime"], errors="coerce")
-        keep = plausible & t.notna() & (t <= chunk["subject_id"].map(cut))
-        kept = pd.DataFrame({"subject_id": chunk.loc[keep, "subject_id"], "itemid": chunk.loc[keep, "itemid"],
-                             "value": value[keep]})
-        parts.append(kept.groupby(["subject_id", "itemid"])["value"].agg(["sum", "count"]))
+    try:
+        for chunk in pd.read_csv(path, usecols=list(REQUIRED["labevents"]), dtype=str, chunksize=LAB_CHUNK):
+            parts.append(_lab_chunk(chunk, panel, known_ids, cut, skipped))
+    except (pd.errors.ParserError, OSError, EOFError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{path}: cannot read (truncated or malformed?): {err}") from None
     totals = pd.concat(parts).groupby(level=[0, 1]).sum() if parts else None
     for itemid, (name, _, _) in LAB_PANEL.items():
         if totals is None or itemid not in totals.index.get_level_values(1):
@@ -280,12 +273,32 @@ def _add_labs(out: pd.DataFrame, hosp: Path, cut: pd.Series, skipped: dict[str, 
         out[f"lab_{name}"] = out["subject_id"].map(t["sum"] / t["count"])
 
 
+def _lab_chunk(chunk: pd.DataFrame, panel: dict, known_ids: set, cut: pd.Series, skipped: dict[str, int]):
+    """Sum and count of the usable panel values per (subject, itemid) in one chunk of labevents."""
+    chunk = _numeric_ids(chunk, "subject_id", skipped, "lab_bad_id")
+    itemid = pd.to_numeric(chunk["itemid"], errors="coerce")
+    unknown = ~itemid.isin(known_ids)
+    skipped["lab_unknown_itemid"] += int(unknown.sum())
+    chunk = chunk.loc[~unknown & itemid.isin(panel)].assign(itemid=itemid)
+    value = pd.to_numeric(chunk["valuenum"], errors="coerce")
+    skipped["lab_empty_valuenum"] += int(value.isna().sum())
+    lo = chunk["itemid"].map({i: v[1] for i, v in panel.items()})
+    hi = chunk["itemid"].map({i: v[2] for i, v in panel.items()})
+    plausible = value.between(lo, hi)
+    skipped["lab_implausible"] += int((value.notna() & ~plausible).sum())
+    t = pd.to_datetime(chunk["charttime"], errors="coerce")
+    keep = plausible & t.notna() & (t <= chunk["subject_id"].map(cut))
+    kept = pd.DataFrame({"subject_id": chunk.loc[keep, "subject_id"], "itemid": chunk.loc[keep, "itemid"],
+                         "value": value[keep]})
+    return kept.groupby(["subject_id", "itemid"])["value"].agg(["sum", "count"])
+
+
 def load_cohort(root: Path, positive: tuple[str, ...], cache_dir: Path | None) -> Cohort:
     """:func:`build_cohort` through the on-disk cache."""
     hosp = Path(root) / "hosp"
     if not hosp.is_dir():
         raise DataFormatError(f"{root}: expected a MIMIC-IV root with a hosp/ folder")
-    key = fingerprint("cohort-v1", positive, *sorted(hosp.glob("*.csv*")))
+    key = fingerprint("cohort-v2", str(hosp.resolve()), positive, *sorted(hosp.glob("*.csv*")))
 
     def build() -> dict[str, np.ndarray]:
         c = build_cohort(root, positive)

@@ -12,7 +12,16 @@ from datetime import datetime
 from pathlib import Path
 
 from shared.brecahad import DataFormatError
-from shared.config import IMAGE_CLASSES, Config, ConfigError, dump, flatten, load, parse_assignments
+from shared.config import (
+    IMAGE_CLASSES,
+    Config,
+    ConfigError,
+    dump,
+    eval_data_path,
+    flatten,
+    load,
+    parse_assignments,
+)
 from simulations.flower import SimulationError
 
 
@@ -74,7 +83,11 @@ def _absolute(cfg: Config) -> Config:
         return str(Path(p).resolve()) if p else p
 
     data = dataclasses.replace(cfg.data, root=fix(cfg.data.root), cache_dir=fix(cfg.data.cache_dir))
-    return dataclasses.replace(cfg, data=data, server=dataclasses.replace(cfg.server, eval_data=fix(cfg.server.eval_data)))
+    model = dataclasses.replace(cfg.model, pretrained=fix(cfg.model.pretrained))
+    cfg = dataclasses.replace(cfg, data=data, model=model)
+    evaluation = eval_data_path(cfg)
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, eval_data=str(evaluation) if evaluation
+                                                               else None))
 
 
 def _ensure_data(cfg: Config) -> None:
@@ -155,6 +168,10 @@ def _simulate(args: argparse.Namespace) -> int:
         print("over seeds " + ", ".join(map(str, seeds)) + ": "
               + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()))
     final = finals[seeds[-1]]
+    if final["source"] == "none":
+        print(f"done in {time.time() - started:.0f} s. No final metrics: no server test set and no site evaluated "
+              f"(federation.fraction_evaluate 0?); metrics: {folder / 'metrics.json'}")
+        return 0
     focus = "mitosis" if "mitosis" in final["auc"] else list(final["auc"])[-1]
     print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}, "
           f"{focus} AUC {final['auc'][focus]:.3f}; metrics: {folder / 'metrics.json'}")
@@ -165,7 +182,9 @@ def seed_summary(finals: dict[int, dict]) -> dict[str, dict[str, float]]:
     """Mean and standard deviation over seeds of the final accuracy, macro AUC and per-class AUC."""
     import numpy as np
 
-    rows = list(finals.values())
+    rows = [f for f in finals.values() if f["source"] != "none"]
+    if not rows:
+        return {}
     keys = {"accuracy": lambda f: f["accuracy"], "macro_auc": lambda f: f["macro_auc"],
             **{f"auc.{c}": (lambda f, c=c: f["auc"][c]) for c in rows[0]["auc"]}}
     out = {}

@@ -86,14 +86,14 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def stop_tree(pid: int, grace: float = 5.0) -> None:
+def stop_tree(pid: int, grace: float = 5.0, known_groups: tuple[int, ...] = ()) -> None:
     """Stop a SuperLink: its process group and its children's groups (SuperExec leads one with Ray in it).
 
     SIGTERM first; SIGKILL for what is still alive after ``grace`` seconds
     (during a run the SuperLink waits on open log streams and Ray's agents
     ignore SIGTERM).
     """
-    groups = {pid} | set(_children(pid))
+    groups = {pid} | set(_children(pid)) | set(known_groups)  # known: found while the SuperLink was alive
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for g in groups:
             try:
@@ -145,12 +145,15 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"],
             cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        helpers: tuple[int, ...] = ()
+        stream = None
         try:
             _wait_ready(superlink, port, log_path)
             cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
             federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus}"
             sub = _flwr(["run", str(PROJECT_ROOT), "fedfuse", "--format", "json", "--federation-config", federation,
                          "--run-config", str(overrides)], env, capture_output=True, timeout=300)
+            helpers = tuple(_children(superlink.pid))  # the SuperExec leads its own session: remember it now
             try:
                 run_id = json.loads(sub.stdout)["run-id"]
             except (json.JSONDecodeError, KeyError):
@@ -164,16 +167,32 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
                 elif "Traceback" in line or "ERROR" in line:
                     echo(line.rstrip())
             stream.wait()
-            ls = _flwr(["ls", "fedfuse", "--run-id", str(run_id), "--format", "json"], env, capture_output=True)
-            status = json.loads(ls.stdout)["runs"][0]
+            status = _final_status(run_id, env, log_path)
             if status["status"] != "finished:completed":
                 raise SimulationError(f"Flower run {run_id} ended {status['status']}: "
                                       f"{status.get('status-details', '')} (full log: {log_path})")
         finally:
-            stop_tree(superlink.pid)
+            if stream is not None and stream.poll() is None:
+                stream.kill()
+            stop_tree(superlink.pid, known_groups=helpers)
             superlink.wait()
             if own_ray_tmp:
                 shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 2.0) -> dict:
+    """The run's status from ``flwr ls``, waiting while it is not finished (a log stream can end early)."""
+    while True:
+        ls = _flwr(["ls", "fedfuse", "--run-id", str(run_id), "--format", "json"], env, capture_output=True,
+                   timeout=60)
+        try:
+            status = json.loads(ls.stdout)["runs"][0]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            raise SimulationError(f"cannot read the status of Flower run {run_id}: {ls.stdout}{ls.stderr} "
+                                  f"(full log: {log_path})") from None
+        if str(status.get("status", "")).startswith("finished"):
+            return status
+        time.sleep(poll_s)
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 60) -> None:

@@ -1,8 +1,11 @@
-"""A Flower Grid that delivers messages to the ClientApp in this process: server logic without Ray.
+"""A Flower Grid that delivers messages to the ClientApp in this process: the apps without Ray.
 
 The SuperLink normally assigns message ids and carries replies; here
 ``push_messages`` calls the ClientApp directly and keeps its reply (an error
-reply if it raised), so ``ServerApp`` main runs unchanged in a test.
+reply if it raised), so ``ServerApp`` main runs unchanged, in tests and in
+``paper``'s ``engine: inprocess``. It sets what a Flower process would
+(``TaskIdentity``, the message id in the metadata): Flower internals, pinned
+with flwr 1.42.0.
 """
 
 from __future__ import annotations
@@ -59,5 +62,12 @@ class InProcessGrid(Grid):
 
 
 def run_server(server_app, client_app, run_config: dict, num_nodes: int) -> None:
+    """Run ``server_app`` against ``num_nodes`` in-process sites (each message as a SuperNode would)."""
+    import torch
+
+    threads = torch.get_num_threads()  # sites set their own; the caller's setting is restored after
     grid = InProcessGrid(client_app, run_config, num_nodes)
-    server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    try:
+        server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    finally:
+        torch.set_num_threads(threads)

@@ -7,14 +7,14 @@ on the pooled test split (``shared.evaluation``):
 * ``pooled``: all sites' training data in one place (the study's setting);
 * ``local``: each site alone; the table reports the mean over sites of each
   local model's score on the pooled test split;
-* ``federated``: Flower (FedAvg, or bagging for XGBoost), through the
+* ``federated``: Flower (the base config's strategy; bagging for XGBoost), through the
   simulation engine (``engine: simulation``) or, for tests, the same
   ServerApp and ClientApp with an in-process Grid (``engine: inprocess``).
 
 The budget is fixed per model in optimiser steps (trees for XGBoost), summed
-over sites, and equal across the modes: pooled trains ``B`` steps, each
-local site ``B / K``, and federated ``R`` rounds of ``B / (R K)`` steps at
-each of the ``K`` sites. Each finished cell is saved as JSON under
+over sites, and equal across the modes up to rounding: pooled trains ``B``
+steps, each local site ``B / K``, and federated ``R`` rounds of ``B / (R K)``
+steps at each of the ``K`` sites. Each finished cell is saved as JSON under
 ``results/cells/``, keyed by its settings, so an interrupted run continues.
 """
 
@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from server.record import write_json
 from shared import learner
+from shared.cache import fingerprint
 from shared.config import (
     Config,
     ConfigError,
@@ -80,20 +82,27 @@ def load_paper(path: Path, quick: bool) -> tuple[Config, PaperConfig]:
     missing = [m for m in paper.models if m not in paper.budgets]
     if missing:
         raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)}")
+    if base.data.partition != "natural" or base.data.leave_out is not None:
+        raise ConfigError(f"{path}: base.data.partition must be natural and base.data.leave_out null: every cell "
+                          "is scored on the natural sites' test splits, which other partitions would train on")
     return base, paper
 
 
 def _model_config(base: Config, model: str, seed: int) -> Config:
+    """``base`` for one model: xgboost federates by bagging; pretrained weights only reach ResNet encoders."""
     strategy = "xgb_bagging" if model == "xgboost" else base.federation.strategy
     if model != "xgboost" and strategy.startswith("xgb_"):
         strategy = "fedavg"
-    return dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, name=model),
+    resnet = model == "resnet18" or (model in ("fusion", "late_fusion") and base.model.image_encoder == "resnet18")
+    m = dataclasses.replace(base.model, name=model, pretrained=base.model.pretrained if resnet else None,
+                            freeze=base.model.freeze and resnet)
+    return dataclasses.replace(base, seed=seed, model=m,
                                federation=dataclasses.replace(base.federation, strategy=strategy))
 
 
-def _with_steps(cfg: Config, steps: int) -> Config:
-    """``cfg`` whose local update is exactly ``steps`` optimiser steps (trees for XGBoost)."""
-    steps = max(1, int(steps))
+def _with_steps(cfg: Config, steps: float) -> Config:
+    """``cfg`` whose local update is ``steps`` optimiser steps (trees for XGBoost), rounded, at least 1."""
+    steps = max(1, round(steps))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
                                model=dataclasses.replace(cfg.model, xgb_local_rounds=steps))
 
@@ -135,8 +144,8 @@ def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
     return {"federated": row(learner.load(fed, run_dir))}
 
 
-def _key(cfg: Config, paper: PaperConfig, mode: str) -> str:
-    blob = json.dumps({"cfg": to_dict(cfg), "mode": mode, "budget": paper.budgets[cfg.model.name],
+def _key(cfg: Config, paper: PaperConfig, mode: str, data: str) -> str:
+    blob = json.dumps({"cfg": to_dict(cfg), "data": data, "mode": mode, "budget": paper.budgets[cfg.model.name],
                        "rounds": paper.rounds, "engine": paper.engine, "bootstrap": paper.bootstrap},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -148,16 +157,19 @@ def run_paper(base: Config, paper: PaperConfig, echo=print) -> Path:
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict]] = {}
+    # Regenerated or edited data must not reuse cells: the key includes every input file's fingerprint.
+    data = fingerprint(*sorted(p for p in Path(base.data.root).rglob("*") if p.is_file()
+                               and ".fedfuse-cache" not in p.parts))
     for model in paper.models:
         for seed in paper.seeds:
             cfg = _model_config(base, model, seed)
             for mode in MODES:
-                path = cells_dir / f"{model}-{mode}-seed{seed}-{_key(cfg, paper, mode)}.json"
+                path = cells_dir / f"{model}-{mode}-seed{seed}-{_key(cfg, paper, mode, data)}.json"
                 if not path.is_file():
                     started = time.time()
                     rows = run_cell(cfg, paper, mode, cells_dir / f"work-{path.stem}")
-                    path.write_text(json.dumps({"model": model, "mode": mode, "seed": seed, "rows": rows,
-                                                "seconds": round(time.time() - started, 1)}))
+                    write_json(path, {"model": model, "mode": mode, "seed": seed, "rows": rows,
+                                      "seconds": round(time.time() - started, 1)})  # atomic: no half cells
                     echo(f"{model:<12} {mode:<10} seed {seed}: {time.time() - started:.0f} s")
                 results.setdefault((model, mode), []).append(json.loads(path.read_text()))
     return write_table(base, paper, results, out)

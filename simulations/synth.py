@@ -35,8 +35,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from shared.config import BRECAHAD_KEYS as POINT_KEYS
 from simulations.synth_ehr import Subject, write_hosp
-from simulations.synth_images import POINT_KEYS, SiteStyle, TileSpec, render_tile
+from simulations.synth_images import SiteStyle, TileSpec, render_tile
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ RACES = ["WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO - PUERTO RICAN", "A
 
 @dataclass(frozen=True)
 class Subject:
-    """One patient to generate: id, label and latent grade (NaN for negatives)."""
+    """One patient to generate: id, label and latent grade (negatives ignore theirs)."""
 
     subject_id: int
     positive: bool

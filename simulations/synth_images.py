@@ -47,7 +47,6 @@ STAIN_E = np.array([0.072, 0.990, 0.105])
 
 ANNOTATION_NOISE = 0.03  # share of tumour / non-tumour points labelled as the other class
 
-POINT_KEYS = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,24 @@ def test_pyproject_app_config_lists_every_setting_and_no_defaults():
     items = dict(flat(app_config))
     assert sorted(set(items) - {"config", "run-dir"}) == flat_keys()
     assert all(v == "" for k, v in items.items() if k != "config")  # the YAML holds the defaults
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.name": "xgboost", "federation.strategy": "xgb_bagging", "model.xgb_local_rounds": "3"},
+     r"model\.xgb_local_rounds: xgb_bagging appends one tree"),
+    ({"federation.min_sites": "5"}, r"federation\.min_sites: expected between 1 and data\.sites \(3\)"),
+    ({"data.test_fraction": "1.0"}, r"data\.test_fraction: expected between 0 and 1"),
+    ({"model.pretrained": "w.pth"}, r"model\.pretrained / model\.freeze: only for a ResNet-18 encoder"),
+    ({"data.positive": "[invasive, metastatic]"}, r"data\.positive\[1\]: expected one of invasive"),
+    ({"data.classes": "[mitosis, nucleus]"}, r"data\.classes: \['nucleus'\] are not BreCaHAD keys"),
+    ({"model.name": "cnn", "federation.strategy": "xgb_cyclic"}, r"does not fit model\.name 'cnn'"),
+])
+def test_settings_that_cannot_work_together_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), overrides)
+
+
+def test_path_overrides_stay_strings():
+    cfg = apply_overrides(Config(), {"server.eval_data": "2024-01-01", "data.cache_dir": "yes"})
+    assert cfg.server.eval_data == "2024-01-01" and cfg.data.cache_dir == "yes"
+    assert apply_overrides(Config(), {"server.eval_data": "null"}).server.eval_data is None

@@ -106,7 +106,7 @@ def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
 def test_seed_summary_is_mean_and_std_over_seeds():
     from simulations.cli import seed_summary
 
-    finals = {s: {"accuracy": a, "macro_auc": m, "auc": {"mitosis": x, "tumor": 0.5}}
+    finals = {s: {"source": "central", "accuracy": a, "macro_auc": m, "auc": {"mitosis": x, "tumor": 0.5}}
               for s, a, m, x in [(0, 0.8, 0.9, 0.95), (1, 0.6, 0.7, math.nan), (2, 0.7, 0.8, 0.85)]}
     summary = seed_summary(finals)
     assert summary["accuracy"]["mean"] == pytest.approx(0.7) and summary["accuracy"]["n"] == 3

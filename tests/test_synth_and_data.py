@@ -63,9 +63,35 @@ def test_linked_pairing_gives_each_patch_its_patients_record(quick_data):
     samples = load_folder(site, CFG)
     cohort = build_cohort(site / "mimic-iv").table.set_index("subject_id")
     link = dict(pd.read_csv(site / "linkage.csv").values)
-    i = int(np.flatnonzero(samples.cases == "Case_2")[0])
+    i = int(np.flatnonzero(samples.cases == f"subject-{link['Case_2']}")[0])
     expected = cohort.loc[link["Case_2"]].drop("label").to_numpy(np.float32)
     np.testing.assert_array_equal(samples.ehr[i], expected)
+
+
+def test_two_slides_of_one_patient_never_straddle_the_split(quick_data, tmp_path):
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(quick_data / "site-0", site)
+    link = pd.read_csv(site / "linkage.csv")
+    link.loc[link["case_id"] == "Case_2", "subject_id"] = int(link.loc[link["case_id"] == "Case_1", "subject_id"].iloc[0])
+    link.to_csv(site / "linkage.csv", index=False)
+    for seed in range(6):
+        train, test = load_site(site, CFG, seed=seed)
+        assert not set(train.cases) & set(test.cases)
+    assert len(set(train.cases) | set(test.cases)) == 5  # 6 cases, 5 patients
+
+
+def test_linkage_with_a_case_linked_twice_is_refused(quick_data, tmp_path):
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(quick_data / "site-0", site)
+    link = pd.read_csv(site / "linkage.csv")
+    pd.concat([link, pd.DataFrame({"case_id": ["Case_1"], "subject_id": [1]})]).to_csv(site / "linkage.csv",
+                                                                                        index=False)
+    with pytest.raises(DataFormatError, match=r"case_id 'Case_1' is linked to more than one subject_id"):
+        load_folder(site, CFG)
 
 
 def test_by_label_pairing_follows_the_label_map(quick_data):
@@ -99,3 +125,11 @@ def test_pooled_moments_equal_the_moments_of_the_pooled_data():
     pooled = np.concatenate(parts)
     np.testing.assert_allclose(mean, np.nanmean(pooled, 0), rtol=1e-5)
     np.testing.assert_allclose(std, np.nanstd(pooled, 0), rtol=1e-4)
+
+
+def test_history_length_before_the_index_does_not_give_the_label_away(quick_data):
+    """The generator draws admissions alike for both labels, so the count up to the index must not predict it."""
+    from sklearn.metrics import roc_auc_score
+
+    t = pd.concat([build_cohort(quick_data / s / "mimic-iv").table for s in ("site-0", "site-1", "holdout")])
+    assert 0.35 < roc_auc_score(t["label"], t["n_admissions"]) < 0.65
