@@ -91,5 +91,5 @@ def ehr_stats(msg: Message, context: Context) -> Message:
     """Per-feature count, sum and sum of squares of the training EHR: summary statistics only."""
     site = _site(context)
     stats = {k: v.tolist() for k, v in ehr_statistics(site.train.ehr).items()}
-    return Message(RecordDict({"stats": MetricRecord({**stats, "site-index": site.index}),
+    return Message(RecordDict({"stats": MetricRecord(stats),
                                "site": ConfigRecord({"name": site.name})}), reply_to=msg)

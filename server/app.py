@@ -9,7 +9,6 @@ never rows), evaluation on the server's own held-out set when it has one,
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from client.wire import from_record, to_record
 from server.record import RunRecord
 from server.strategy import build_strategy
 from shared import learner
-from shared.config import Config, classes_of, dump, eval_data_path, from_run_config, task_of
+from shared.config import Config, classes_of, dump, eval_data_path, from_run_config, run_name, task_of
 from shared.data import load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
@@ -30,7 +29,7 @@ app = ServerApp()
 
 
 def _run_dir(cfg: Config, given: str) -> Path:
-    run_dir = Path(given) if given else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(given) if given else Path("runs") / run_name(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

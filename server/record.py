@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from shared.config import focus_class
 from shared.metrics import weighted_mean
 from shared.serde import FLAT_KEYS as SCALARS
 
@@ -59,7 +60,7 @@ class RunRecord:
         source = "central" if entry.get("central") else "federated"
         if shown:
             # The class users watch: mitosis on the patch task, breast cancer on the EHR task.
-            key = "mitosis" if "mitosis" in self.classes else self.classes[-1]
+            key = focus_class(self.classes)
             print(f"[fedfuse] round {r:>2}/{total} | train loss {entry.get('train_loss', math.nan):.3f} | "
                   f"loss {shown['loss']:.3f} | acc {shown['accuracy']:.3f} | macro AUC {shown['macro_auc']:.3f} | "
                   f"{key} AUC {shown['auc'][key]:.3f} ({source})", flush=True)

@@ -24,13 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.cache import cached_arrays, fingerprint
 from shared.config import BRECAHAD_KEYS
+from shared.errors import DataFormatError
 
 POINT_KEYS = BRECAHAD_KEYS  # the seven keys of a ground-truth file, in the data set's order
 NAME = re.compile(r"^Case_(\d+)-(\d+)$")
-
-
-class DataFormatError(ValueError):
-    """A data file that does not match the format it should have; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,16 @@ TASKS = {"fusion": "patch", "late_fusion": "patch", "cnn": "patch", "resnet18": 
          "xgboost": "ehr"}
 EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
 TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
+
+
+def focus_class(classes: tuple[str, ...] | list[str]) -> str:
+    """The class users watch: mitosis on the patch task (rare, and what grading counts), else the positive one."""
+    return "mitosis" if "mitosis" in classes else list(classes)[-1]
+
+
+def run_name(cfg: Config) -> str:
+    """``<name>-<timestamp>``: the default folder name of a run."""
+    return f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def eval_data_path(cfg: Config) -> Path | None:

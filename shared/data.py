@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.brecahad import DataFormatError, load_patches
+from shared.brecahad import load_patches
 from shared.config import DataConfig
+from shared.errors import DataFormatError
 from shared.mimic import FEATURES, load_cohort
 
 
@@ -42,6 +43,16 @@ class Samples:
 
     def subset(self, mask: np.ndarray) -> Samples:
         return Samples(self.images[mask], self.ehr[mask], self.labels[mask], self.cases[mask])
+
+    def prefixed(self, site: str) -> Samples:
+        """The same samples with cases named ``<site>/<case>``, distinct when sites are pooled."""
+        return Samples(self.images, self.ehr, self.labels, np.char.add(f"{site}/", self.cases.astype(str)))
+
+
+def concat(parts: list[Samples]) -> Samples:
+    """Several sites' samples as one (case names must already be distinct: see :meth:`Samples.prefixed`)."""
+    fields = ("images", "ehr", "labels", "cases")
+    return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in fields])
 
 
 def read_linkage(folder: Path) -> dict[str, int]:
@@ -147,11 +158,7 @@ def load_pooled(root: Path, cfg: DataConfig, seed: int, task: str = "patch") -> 
     folders = sorted(Path(root).glob("site-*"), key=lambda p: (len(p.name), p.name))
     if not folders:
         raise DataFormatError(f"{root}: no site-<k> folders to pool")
-    parts = []
-    for k, folder in enumerate(folders):
-        s = load_folder(folder, cfg, seed + k, task)
-        parts.append(Samples(s.images, s.ehr, s.labels, np.char.add(f"{folder.name}/", s.cases)))
-    return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "ehr", "labels", "cases")])
+    return concat([load_folder(folder, cfg, seed + k, task).prefixed(folder.name) for k, folder in enumerate(folders)])
 
 
 def ehr_statistics(ehr: np.ndarray) -> dict[str, np.ndarray]:

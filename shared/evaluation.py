@@ -13,14 +13,8 @@ import math
 
 import numpy as np
 
-from shared.data import Samples
+from shared.data import Samples, concat
 from shared.metrics import classification_metrics
-
-
-def concat(parts: list[Samples]) -> Samples:
-    """Several sites' samples as one (case names must already be distinct across sites)."""
-    fields = ("images", "ehr", "labels", "cases")
-    return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in fields])
 
 
 def matrix_row(predict, tests: dict[str, Samples], classes: tuple[str, ...], bootstrap: int = 0,
@@ -31,8 +25,7 @@ def matrix_row(predict, tests: dict[str, Samples], classes: tuple[str, ...], boo
     never merges two sites' ``Case_1``. With ``bootstrap`` resamples, the
     pooled split's metrics get ``ci95`` intervals (over patients).
     """
-    named = {site: Samples(s.images, s.ehr, s.labels, np.char.add(f"{site}/", s.cases.astype(str)))
-             for site, s in tests.items()}
+    named = {site: s.prefixed(site) for site, s in tests.items()}
     pooled = concat(list(named.values()))
     pooled_probs = predict(pooled)  # once; each site's rows are a slice of it
     bounds = np.cumsum([0] + [len(s) for s in named.values()])

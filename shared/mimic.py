@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.brecahad import DataFormatError
 from shared.cache import cached_arrays, fingerprint
+from shared.errors import DataFormatError
 
 # group -> {icd_version: code prefixes}
 BREAST_GROUPS: dict[str, dict[int, tuple[str, ...]]] = {

@@ -30,7 +30,7 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generator):
+def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generator | None):
     # uint8 (B, P, P, 3) -> float (B, 3, P, P) in [0, 1]
     images = torch.from_numpy(samples.images[idx]).permute(0, 3, 1, 2).float().div_(255.0)
     if augment:  # dihedral symmetries: a patch has no up or left
@@ -83,10 +83,9 @@ def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[
     """Class probabilities ``(n, K)`` and the mean (unweighted) cross-entropy."""
     model.eval()
     probs, loss = [], 0.0
-    gen = torch.Generator()
     for start in range(0, len(samples), batch_size):
         idx = np.arange(start, min(start + batch_size, len(samples)))
-        images, ehr, labels = _batch(samples, idx, False, gen)
+        images, ehr, labels = _batch(samples, idx, False, None)
         logits = model(images, ehr)
         loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         probs.append(torch.softmax(logits, 1).numpy())

@@ -16,6 +16,7 @@ import numpy as np
 import xgboost as xgb
 
 from shared.config import ModelConfig
+from shared.metrics import log_loss
 
 
 def params(cfg: ModelConfig, seed: int) -> dict:
@@ -41,8 +42,8 @@ def boost(
         booster = xgb.Booster(params=p, model_file=bytearray(global_model))
         for _ in range(cfg.xgb_local_rounds):
             booster.update(data, booster.num_boosted_rounds())
-    p1 = np.clip(booster.predict(data), 1e-12, 1 - 1e-12)
-    loss = float(-np.mean(y * np.log(p1) + (1 - y) * np.log(1 - p1)))
+    p1 = booster.predict(data)
+    loss = log_loss(np.asarray(y, np.int64), np.column_stack([1.0 - p1, p1]))
     if bagging and global_model:
         n = booster.num_boosted_rounds()
         booster = booster[n - cfg.xgb_local_rounds : n]

@@ -8,10 +8,8 @@ import json
 import signal
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-from shared.brecahad import DataFormatError
 from shared.config import (
     IMAGE_CLASSES,
     Config,
@@ -19,9 +17,12 @@ from shared.config import (
     dump,
     eval_data_path,
     flatten,
+    focus_class,
     load,
     parse_assignments,
+    run_name,
 )
+from shared.errors import DataFormatError
 from simulations.flower import SimulationError
 
 
@@ -123,7 +124,7 @@ def _loso(args: argparse.Namespace) -> int:
 
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
     _ensure_data(cfg)
-    out = Path(args.out) if args.out else Path("results") / f"loso-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.out) if args.out else Path("results") / f"loso-{run_name(cfg)}"
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     run_loso(cfg, out.resolve(), echo=lambda line: print(line, flush=True))
@@ -143,7 +144,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
 
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(args.out) if args.out else Path("runs") / run_name(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
@@ -172,7 +173,7 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"done in {time.time() - started:.0f} s. No final metrics: no server test set and no site evaluated "
               f"(federation.fraction_evaluate 0?); metrics: {folder / 'metrics.json'}")
         return 0
-    focus = "mitosis" if "mitosis" in final["auc"] else list(final["auc"])[-1]
+    focus = focus_class(list(final["auc"]))
     print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}, "
           f"{focus} AUC {final['auc'][focus]:.3f}; metrics: {folder / 'metrics.json'}")
     return 0

@@ -40,12 +40,13 @@ from shared.config import (
     apply_overrides,
     build_section,
     classes_of,
+    focus_class,
     from_dict,
     task_of,
     to_dict,
 )
-from shared.data import ehr_statistics, load_site, pooled_moments
-from shared.evaluation import concat, matrix_row
+from shared.data import concat, ehr_statistics, load_site, pooled_moments
+from shared.evaluation import matrix_row
 from simulations.flower import federate
 
 MODES = ("pooled", "federated", "local")
@@ -208,7 +209,7 @@ def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> P
     for model in paper.models:
         cfg = _model_config(base, model, 0)
         task = task_of(cfg)
-        focus = "auc.mitosis" if task == "patch" else "auc.breast_cancer"
+        focus = f"auc.{focus_class(classes_of(cfg))}"
         cells = [f"{model}", MODALITY[model], "patch (3 classes)" if task == "patch" else "EHR (breast cancer)"]
         for mode in MODES:
             for key in ("accuracy", "macro_auc", focus):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.brecahad import POINT_KEYS, DataFormatError, extract, inspect, load_patches, read_points
+from shared.brecahad import POINT_KEYS, extract, inspect, load_patches, read_points
+from shared.errors import DataFormatError
 from simulations.cli import main
 
 CLASSES = ("mitosis", "tumor", "non_tumor")

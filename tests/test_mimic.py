@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.brecahad import DataFormatError
+from shared.errors import DataFormatError
 from shared.mimic import FEATURES, build_cohort
 from simulations.cli import main
 

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.brecahad import POINT_KEYS, DataFormatError, inspect, list_tiles
+from shared.brecahad import POINT_KEYS, inspect, list_tiles
 from shared.config import DataConfig
 from shared.data import ehr_statistics, load_folder, load_site, pooled_moments
+from shared.errors import DataFormatError
 from shared.mimic import build_cohort
 
 CFG = DataConfig()
