@@ -23,7 +23,7 @@ test: $(STAMP)
 # The same app through `flwr run . local --stream` and Flower's own local SuperLink (needs data: run
 # `make demo` once). Sets the Flower environment, and stops the SuperLink that flwr leaves running.
 flwr-run: $(STAMP)
-	$(BIN)/python -m simulations.flower --federation-config "num-supernodes=3 client-resources-num-cpus=1"
+	$(BIN)/python -m simulations.flower
 
 lint: $(STAMP)
 	$(BIN)/ruff check server client shared simulations tests

@@ -232,14 +232,25 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
 
 
 def flwr_run_local(extra_args: list[str]) -> int:
-    """``flwr run . local --stream`` as the README documents, then stop the SuperLink it leaves running."""
+    """``flwr run . local --stream`` as the README documents, then stop the SuperLink it leaves running.
+
+    One simulated SuperNode per site of ``configs/quickstart.yaml`` unless
+    ``--federation-config`` is given. A SuperLink that was already running
+    before (someone else's) is left alone.
+    """
+    if "--federation-config" not in extra_args:
+        from shared.config import load
+
+        sites = load(PROJECT_ROOT / "configs" / "quickstart.yaml").data.sites
+        extra_args = [*extra_args, "--federation-config", f"num-supernodes={sites} client-resources-num-cpus=1"]
     ray_tmp, own = ray_tmpdir(PROJECT_ROOT / ".flwr" / "ray")
     env = flower_env(PROJECT_ROOT / ".flwr", ray_tmp)
+    already = local_superlink_pid()
     try:
         return _flwr(["run", ".", "local", "--stream", *extra_args], env, cwd=PROJECT_ROOT).returncode
     finally:
         pid = local_superlink_pid()
-        if pid is not None:
+        if pid is not None and pid != already:
             stop_tree(pid)
             print(f"stopped the local SuperLink (pid {pid}) and its process groups")
         if own:
