@@ -25,7 +25,7 @@ import numpy as np
 from shared.config import DataConfig
 from shared.data import Samples, load_pooled, split_by_case
 
-SCHEMES = ("natural", "iid", "dirichlet", "quantity")
+SCHEMES = ("iid", "dirichlet", "quantity")  # natural needs no dealing: a site is a folder
 
 
 def partition_cases(
@@ -55,7 +55,7 @@ def partition_cases(
             members = rng.permutation(np.flatnonzero(kind == c))
             owner[members] = rng.choice(n_sites, size=len(members), p=rng.dirichlet(np.full(n_sites, alpha)))
         return _repair([names[owner == s] for s in range(n_sites)], names, rng)
-    raise ValueError(f"data.partition: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
+    raise ValueError(f"data.partition: cases are re-dealt for {', '.join(SCHEMES)}, not {scheme!r}")
 
 
 def _deal(order: np.ndarray, sizes: np.ndarray, shares: np.ndarray, names: np.ndarray) -> list[np.ndarray]:
