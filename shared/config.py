@@ -154,6 +154,11 @@ EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
 TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
 
 
+def uses_resnet(model: ModelConfig) -> bool:
+    """Whether the model has a ResNet-18 encoder (what ``pretrained`` and ``freeze`` act on)."""
+    return model.name == "resnet18" or (model.name in ("fusion", "late_fusion") and model.image_encoder == "resnet18")
+
+
 def focus_class(classes: tuple[str, ...] | list[str]) -> str:
     """The class users watch: mitosis on the patch task (rare, and what grading counts), else the positive one."""
     return "mitosis" if "mitosis" in classes else list(classes)[-1]
@@ -217,8 +222,7 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"data.classes: {unknown} are not BreCaHAD keys; expected some of {', '.join(BRECAHAD_KEYS)}")
     if d.pairing == "by_label" and set(d.classes) - set(d.label_map):
         raise ConfigError(f"data.label_map: no EHR label for {sorted(set(d.classes) - set(d.label_map))}")
-    resnet = m.name == "resnet18" or (m.name in ("fusion", "late_fusion") and m.image_encoder == "resnet18")
-    if (m.pretrained or m.freeze) and not resnet:
+    if (m.pretrained or m.freeze) and not uses_resnet(m):
         raise ConfigError("model.pretrained / model.freeze: only for a ResNet-18 encoder (model.name resnet18, or "
                           "model.image_encoder resnet18 with fusion or late_fusion)")
     leave_out = cfg.data.leave_out

@@ -26,9 +26,13 @@ from shared.train import train_epochs
 Weights = dict[str, np.ndarray]
 
 
+def _state_dict(weights: Weights) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
+
+
 def _network(cfg: Config, weights: Weights) -> torch.nn.Module:
     model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+    model.load_state_dict(_state_dict(weights))
     return model
 
 
@@ -76,7 +80,7 @@ def save(cfg: Config, weights: Weights, run_dir: Path) -> Path:
         path.write_bytes(array_to_booster(weights["0"]))
     else:
         path = run_dir / "model.pt"
-        torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, path)
+        torch.save(_state_dict(weights), path)
     return path
 
 

@@ -44,6 +44,7 @@ from shared.config import (
     from_dict,
     task_of,
     to_dict,
+    uses_resnet,
 )
 from shared.data import concat, ehr_statistics, load_site, pooled_moments
 from shared.evaluation import matrix_row
@@ -94,9 +95,9 @@ def _model_config(base: Config, model: str, seed: int) -> Config:
     strategy = "xgb_bagging" if model == "xgboost" else base.federation.strategy
     if model != "xgboost" and strategy.startswith("xgb_"):
         strategy = "fedavg"
-    resnet = model == "resnet18" or (model in ("fusion", "late_fusion") and base.model.image_encoder == "resnet18")
-    m = dataclasses.replace(base.model, name=model, pretrained=base.model.pretrained if resnet else None,
-                            freeze=base.model.freeze and resnet)
+    m = dataclasses.replace(base.model, name=model)
+    resnet = uses_resnet(m)
+    m = dataclasses.replace(m, pretrained=m.pretrained if resnet else None, freeze=m.freeze and resnet)
     return dataclasses.replace(base, seed=seed, model=m,
                                federation=dataclasses.replace(base.federation, strategy=strategy))
 
