@@ -63,6 +63,7 @@ class ModelConfig:
     ehr_latent: int = 32
     hidden: int = 64
     dropout: float = 0.2
+    image_aux_weight: float = 1.0  # fusion: weight of an image-only auxiliary loss (0: none); see shared/models.py
     xgb_max_depth: int = 4  # xgboost
     xgb_eta: float = 0.3  # xgboost: learning rate
     xgb_local_rounds: int = 1  # xgboost: trees a site adds per server round
@@ -213,6 +214,7 @@ def _check(cfg: Config) -> Config:
         ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
         ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
         ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
+        ("model.image_aux_weight", m.image_aux_weight >= 0, ">= 0"),
     ]
     for key, ok, expected in ranges:
         if not ok:

@@ -63,7 +63,7 @@ class PaperConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     rounds: int = 5  # federated rounds for the neural models (XGBoost: one tree per site a round)
     budgets: dict[str, int] = field(default_factory=lambda: {
-        "cnn": 600, "resnet18": 300, "mlp": 300, "xgboost": 60, "fusion": 600, "late_fusion": 600})
+        "cnn": 1200, "resnet18": 300, "mlp": 300, "xgboost": 60, "fusion": 1200, "late_fusion": 1200})
     engine: str = "simulation"  # simulation (Flower's engine) | inprocess (same apps, in-process Grid; tests)
     bootstrap: int = 200  # resamples of patients for the 95 % intervals on the pooled test split
     out: str = "results"

@@ -54,3 +54,22 @@ def test_class_weights():
     assert w[0] == pytest.approx(100 / 30) and w[1] == pytest.approx(100 / 240)
     assert torch.allclose(class_weights(labels, 3, "sqrt") ** 2, w)
     assert torch.equal(class_weights(labels, 3, "none"), torch.ones(3))
+
+
+def test_fusion_image_auxiliary_loss_trains_the_image_encoder_without_changing_predictions():
+    torch.manual_seed(0)
+    images, ehr = torch.rand(6, 3, 64, 64), torch.randn(6, 12)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with_aux = build_model(ModelConfig(name="fusion", image_aux_weight=1.0), 12, 3)
+    plain = build_model(ModelConfig(name="fusion", image_aux_weight=0.0), 12, 3)
+    assert plain.image_aux is None and with_aux.image_aux is not None
+    state = {k: v for k, v in with_aux.state_dict().items() if not k.startswith("image_aux.")}
+    plain.load_state_dict(state)
+    with_aux.eval(), plain.eval()
+    assert torch.equal(with_aux(images, ehr), plain(images, ehr))  # predictions use the fused head only
+    fused = loss_fn(plain(images, ehr), labels)
+    aux = loss_fn(with_aux.image_aux(with_aux.image_norm(with_aux.image(images))), labels)
+    assert torch.allclose(with_aux.loss(images, ehr, labels, loss_fn), fused + aux)
+    # the auxiliary head is image-only: image-only models do not get one
+    assert build_model(ModelConfig(name="cnn", image_aux_weight=1.0), 12, 3).image_aux is None
