@@ -12,16 +12,17 @@ same code runs in simulation and at a hospital:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.wire import from_record, to_record
-from shared import learner
+from shared import learner, privacy
 from shared.config import Config, classes_of, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
@@ -29,6 +30,7 @@ from shared.serde import flatten_metrics
 from simulations.partition import load_partition
 
 APP_ROOT = Path(__file__).resolve().parent.parent
+BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
 app = ClientApp()
 
 
@@ -63,15 +65,61 @@ def _site(context: Context) -> Site:
     return Site(cfg, index, name, train, test)
 
 
+def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
+    """This site's privacy ledger and epsilon budget.
+
+    The ledger lives with the site's data: ``ledger-dir`` in the node config
+    (deployment), else ``privacy.ledger_dir`` (relative: inside ``data.root``),
+    else ``.fedfuse-privacy`` in the site's data folder (deployment) or in
+    ``data.root`` (simulation). A hospital's own ``privacy-budget`` in its
+    node config caps what the run's config asks for.
+    """
+    p, node = site.cfg.privacy, context.node_config
+    if "ledger-dir" in node:
+        folder = Path(str(node["ledger-dir"]))
+    elif p.ledger_dir:
+        folder = Path(site.cfg.data.root) / p.ledger_dir  # an absolute ledger_dir stays as it is
+    else:
+        folder = Path(str(node.get("data-dir", site.cfg.data.root))) / ".fedfuse-privacy"
+    budget = p.budget if p.budget is not None else p.epsilon if p.epsilon is not None else math.inf
+    if "privacy-budget" in node:
+        budget = min(budget, float(node["privacy-budget"]))
+    return privacy.Ledger(folder, site.train, p, site.name), budget
+
+
+def _privacy_metrics(site: Site, eps: float, dp: privacy.Plan | None) -> dict[str, float]:
+    """The same keys in every reply (Flower aggregates only replies that agree): NaN without DP."""
+    if dp is None:
+        return {"epsilon": math.nan, "epsilon-patient": math.nan, "delta-patient": math.nan}
+    if site.cfg.privacy.unit == "patient":
+        eps_patient, delta_patient = eps, site.cfg.privacy.delta
+    else:
+        eps_patient, delta_patient = privacy.patient_bound(eps, site.cfg.privacy.delta, dp.max_patches)
+    return {"epsilon": eps, "epsilon-patient": eps_patient, "delta-patient": delta_patient}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
     site = _site(context)
     config = msg.content["config"]
-    seed = int(np.random.SeedSequence([site.cfg.seed, site.index, int(config["server-round"])]).generate_state(1)[0])
+    server_round = int(config["server-round"])
+    seed = int(np.random.SeedSequence([site.cfg.seed, site.index, server_round]).generate_state(1)[0])
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by FedProx
-    weights, loss = learner.local_update(site.cfg, from_record(msg.content["arrays"]), site.train, seed, mu)
-    metrics = MetricRecord({"train_loss": loss, "num-examples": len(site.train)})
+    dp, ledger, eps = None, None, math.nan
+    if site.cfg.privacy.mode == "local":
+        dp = privacy.plan(site.cfg, site.train)
+        ledger, budget = _ledger(site, context)
+        after = ledger.epsilon(dp.entry)
+        if after > budget:  # decline before touching the data: the budget stays unspent
+            reason = (f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its budget "
+                      f"{budget:.4g}; round {server_round} would bring it to {after:.4g} ({ledger.path})")
+            return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
+    weights, loss = learner.local_update(site.cfg, from_record(msg.content["arrays"]), site.train, seed, mu, dp)
+    if ledger is not None:
+        eps = ledger.spend(dp.entry, str(context.run_id), server_round)
+    metrics = MetricRecord({"train_loss": loss, "num-examples": len(site.train), "site-index": site.index,
+                            **_privacy_metrics(site, eps, dp)})
     return Message(RecordDict({"arrays": to_record(weights), "metrics": metrics}), reply_to=msg)
 
 

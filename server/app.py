@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.wire import from_record, to_record
 from server.record import RunRecord
-from server.strategy import build_strategy
+from server.strategy import BudgetSpent, build_strategy
 from shared import learner
 from shared.config import Config, classes_of, dump, eval_data_path, from_run_config, run_name, task_of
 from shared.data import load_folder, pooled_moments
@@ -85,6 +85,17 @@ def main(grid: Grid, context: Context) -> None:
             "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
             "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
         }
+    if cfg.privacy.mode != "none":
+        p = cfg.privacy
+        header["privacy"] = {
+            "mode": p.mode, "unit": p.unit, "delta": p.delta, "target_epsilon": p.epsilon,
+            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+            "note": "epsilon: cumulative in each site's ledger (all runs on that data), for one "
+                    f"{p.unit}; epsilon_patient / delta_patient: the guarantee for a whole patient "
+                    + ("(the same: a unit is a patient)" if p.unit == "patient" else
+                       "(group privacy over the site's most patches of one patient)"),
+            "sites": {},
+        }
     record = RunRecord(run_dir, classes, header)
     if pretrained:
         print(f"[fedfuse] pretrained weights {pretrained['path']}: {len(pretrained['loaded'])} tensors loaded, "
@@ -94,7 +105,10 @@ def main(grid: Grid, context: Context) -> None:
           f"({task_of(cfg)} task), pairing {cfg.data.pairing}; central test set: "
           f"{f'{len(holdout)} samples' if holdout is not None else 'none (final = federated mean)'}", flush=True)
 
+    latest = {"arrays": to_record(weights)}  # the model to keep if the run stops early
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        latest["arrays"] = arrays
         if server_round == 0:
             return None
         if holdout is not None:
@@ -107,16 +121,22 @@ def main(grid: Grid, context: Context) -> None:
         return None
 
     strategy = build_strategy(cfg, record, names)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_record(weights),
-        num_rounds=cfg.federation.rounds,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-        evaluate_fn=evaluate,
-    )
-    learner.save(cfg, from_record(result.arrays), run_dir)
-    final = record.finish({"seconds": round(time.time() - started, 1)})
+    extra = {}
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=latest["arrays"],
+            num_rounds=cfg.federation.rounds,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=evaluate,
+        )
+    except BudgetSpent as stop:
+        print(f"[fedfuse] {stop}", flush=True)
+        extra["stopped"] = str(stop)
+        record.close_round(stop.round, cfg.federation.rounds)  # keeps who declined, and why
+    learner.save(cfg, from_record(latest["arrays"]), run_dir)
+    final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())
     print(f"[fedfuse] final ({final['source']}): macro AUC {final.get('macro_auc', float('nan')):.3f} | "
           f"accuracy {final.get('accuracy', float('nan')):.3f} | AUC {auc}", flush=True)

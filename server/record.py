@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from shared.cache import write_json
 from shared.config import focus_class
 from shared.metrics import weighted_mean
 from shared.serde import FLAT_KEYS as SCALARS
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write atomically (temporary file, then rename): a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def federated_mean(sites: dict[str, dict], classes: tuple[str, ...]) -> dict:
@@ -68,13 +54,16 @@ class RunRecord:
 
     def finish(self, extra: dict) -> dict:
         """Set ``final`` from the last round: central when the server has a test set, else federated."""
-        last = self.data["rounds"][-1] if self.data["rounds"] else {}
+        scored = [r for r in self.data["rounds"] if r.get("central") or r.get("federated")]
+        last = scored[-1] if scored else {}
         if last.get("central"):
             final = {**last["central"], "source": "central"}
         elif last.get("federated"):
             final = {**last["federated"], "source": "federated"}
         else:
             final = {"source": "none"}
+        if last:
+            final["round"] = last["round"]
         self.data["final"] = final
         self.data.update(extra)
         self.save()

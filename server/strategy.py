@@ -7,6 +7,7 @@ a strategy is one entry in :data:`STRATEGIES`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from flwr.app import Message
@@ -39,6 +40,15 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 
+class BudgetSpent(RuntimeError):
+    """No site may train any more without exceeding its privacy budget: the run ends, cleanly."""
+
+    def __init__(self, server_round: int) -> None:
+        super().__init__(f"round {server_round}: every site has spent its privacy budget; the run stops with the "
+                         f"model of round {server_round - 1}")
+        self.round = server_round
+
+
 class Recording:
     """Mixin: record each site's evaluation and the round's training loss in the run's record."""
 
@@ -50,6 +60,19 @@ class Recording:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        entry = self.record.round(server_round)
+        for m in replies:
+            name = self.site_names.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
+            if m.has_error():  # dropped by Flower's reply filter; recorded and printed here
+                entry.setdefault("failed", {})[name] = m.error.reason
+                print(f"[fedfuse] round {server_round}: site {name} did not train: {m.error.reason}", flush=True)
+            elif not math.isnan(float(m.content["metrics"]["epsilon"])):  # NaN: the run has no DP
+                spent = {k.replace("-", "_"): float(m.content["metrics"][k])
+                         for k in ("epsilon", "epsilon-patient", "delta-patient")}
+                entry.setdefault("privacy", {})[name] = spent
+                self.record.data["privacy"]["sites"][name] = {**spent, "round": server_round}
+        if replies and all(m.has_error() and m.error.reason.startswith("budget_exhausted") for m in replies):
+            raise BudgetSpent(server_round)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:  # Flower would go on with the old model and report it as trained
             reasons = "; ".join(m.error.reason for m in replies if m.has_error())[:2000]

@@ -10,6 +10,7 @@ so a crash never leaves a half-written cache that a later round would trust.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,13 +43,23 @@ def cached_arrays(
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     arrays = build()
+    _atomic(path, "wb", lambda f: np.savez(f, **arrays))
+    return arrays
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically: a crash never leaves half a file."""
+    _atomic(Path(path), "w", lambda f: json.dump(obj, f, indent=1, allow_nan=True))
+
+
+def _atomic(path: Path, mode: str, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return arrays

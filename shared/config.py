@@ -109,6 +109,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy; the README's Privacy section says what each number protects."""
+
+    mode: str = "none"  # none | local (DP-SGD at every site, Opacus; shared/privacy.py)
+    epsilon: float | None = 8.0  # local: target epsilon of the whole run at each site; the noise is derived from it
+    delta: float = 1e-5  # local: the delta of every reported epsilon
+    noise_multiplier: float | None = None  # local: a fixed noise multiplier instead (then epsilon is only reported)
+    max_grad_norm: float = 1.0  # local: clipping bound of one unit's gradient
+    unit: str = "patch"  # local: what one clipped contribution is: patch (one sample) | patient (all of a patient's)
+    patches_per_patient: int = 8  # unit patient: at most this many of a sampled patient's samples in a step
+    budget: float | None = None  # local: a site's total epsilon in its ledger, across runs; null: epsilon
+    ledger_dir: str | None = None  # sites' ledgers; null: <data.root>/.fedfuse-privacy; relative: inside data.root
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Flower's simulation engine on one machine."""
 
@@ -126,6 +141,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
@@ -139,6 +155,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_encoder": ("cnn", "resnet18"),
     "model.resnet_norm": ("group", "batch"),
     "train.class_weights": ("sqrt", "balanced", "none"),
+    "privacy.mode": ("none", "local"),
+    "privacy.unit": ("patch", "patient"),
     "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
                             "xgb_bagging", "xgb_cyclic"),
 }
@@ -215,6 +233,12 @@ def _check(cfg: Config) -> Config:
         ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
         ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
         ("model.image_aux_weight", m.image_aux_weight >= 0, ">= 0"),
+        ("privacy.delta", 0 < cfg.privacy.delta < 1, "in (0, 1)"),
+        ("privacy.max_grad_norm", cfg.privacy.max_grad_norm > 0, "positive"),
+        ("privacy.patches_per_patient", cfg.privacy.patches_per_patient >= 1, "at least 1"),
+        ("privacy.epsilon", cfg.privacy.epsilon is None or cfg.privacy.epsilon > 0, "positive (.inf: no noise)"),
+        ("privacy.noise_multiplier", (cfg.privacy.noise_multiplier or 0) >= 0, "0 or more"),
+        ("privacy.budget", cfg.privacy.budget is None or cfg.privacy.budget > 0, "positive"),
     ]
     for key, ok, expected in ranges:
         if not ok:
@@ -227,12 +251,32 @@ def _check(cfg: Config) -> Config:
     if (m.pretrained or m.freeze) and not uses_resnet(m):
         raise ConfigError("model.pretrained / model.freeze: only for a ResNet-18 encoder (model.name resnet18, or "
                           "model.image_encoder resnet18 with fusion or late_fusion)")
+    _check_privacy(cfg)
     leave_out = cfg.data.leave_out
     if leave_out is not None and not 0 <= leave_out < cfg.data.sites:
         raise ConfigError(f"data.leave_out: expected a site index in 0..{cfg.data.sites - 1}, got {leave_out}")
     if leave_out is not None and cfg.data.partition != "natural":
         raise ConfigError("data.leave_out: only with data.partition natural (a site is a folder)")
     return cfg
+
+
+def _check_privacy(cfg: Config) -> None:
+    """Local DP-SGD needs a torch model whose every layer has per-sample gradients, and one noise setting."""
+    p = cfg.privacy
+    if p.mode != "local":
+        return
+    if cfg.model.name == "xgboost":
+        raise ConfigError("privacy.mode: local is DP-SGD, for the neural models; XGBoost has no DP-SGD "
+                          "(model.name: mlp is the private EHR model)")
+    if uses_resnet(cfg.model) and cfg.model.resnet_norm == "batch":
+        raise ConfigError("privacy.mode: local cannot train BatchNorm (its statistics mix the samples a step clips "
+                          "one by one); set model.resnet_norm: group, the Opacus-ready ResNet-18")
+    if cfg.federation.strategy == "fedprox":
+        raise ConfigError("privacy.mode: local does not take FedProx's proximal term (it is not clipped per sample); "
+                          "choose another federation.strategy")
+    if (p.epsilon is None) == (p.noise_multiplier is None):
+        raise ConfigError("privacy: set exactly one of privacy.epsilon (a target for the run) and "
+                          "privacy.noise_multiplier (a fixed noise level)")
 
 
 def _type_name(tp: Any) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared import xgb
+from shared import privacy, xgb
 from shared.config import Config, classes_of
 from shared.data import Samples
 from shared.metrics import log_loss
@@ -53,15 +53,21 @@ def initial_weights(cfg: Config, mean: np.ndarray, std: np.ndarray) -> tuple[Wei
     return _to_weights(model), report
 
 
-def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proximal_mu: float = 0.0
-                 ) -> tuple[Weights, float]:
-    """A site's training on ``data`` from the global ``weights``; returns its update and training loss."""
+def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proximal_mu: float = 0.0,
+                 dp: privacy.Plan | None = None) -> tuple[Weights, float]:
+    """A site's training on ``data`` from the global ``weights``; returns its update and training loss.
+
+    With ``dp``, the torch models train with DP-SGD (``shared.privacy``) instead.
+    """
     if cfg.model.name == "xgboost":
         raw, loss = xgb.boost(array_to_booster(weights["0"]), data.ehr, data.labels, cfg.model, seed,
                               bagging=cfg.federation.strategy == "xgb_bagging")
         return {"0": booster_to_array(raw)}, loss
     model = _network(cfg, weights)
-    loss = train_epochs(model, data, cfg.train, len(classes_of(cfg)), seed, proximal_mu=proximal_mu)
+    if dp is not None:
+        loss = privacy.train_dp(model, data, cfg, len(classes_of(cfg)), seed, dp)
+    else:
+        loss = train_epochs(model, data, cfg.train, len(classes_of(cfg)), seed, proximal_mu=proximal_mu)
     return _to_weights(model), loss
 
 

@@ -173,9 +173,49 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"done in {time.time() - started:.0f} s. No final metrics: no server test set and no site evaluated "
               f"(federation.fraction_evaluate 0?); metrics: {folder / 'metrics.json'}")
         return 0
+    spent = json.loads((folder / "metrics.json").read_text()).get("privacy")
+    if spent:
+        for site, e in sorted(spent["sites"].items()):
+            print(f"privacy: {site} epsilon {e['epsilon']:.3g} per {spent['unit']} (delta {spent['delta']:g}); "
+                  f"per patient {e['epsilon_patient']:.3g} (delta {e['delta_patient']:.3g}), cumulative in its ledger")
     focus = focus_class(list(final["auc"]))
     print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}, "
           f"{focus} AUC {final['auc'][focus]:.3f}; metrics: {folder / 'metrics.json'}")
+    return 0
+
+
+def _privacy_ledgers(args: argparse.Namespace) -> list[Path]:
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such ledger folder (privacy.ledger_dir, default "
+                                "<data.root>/.fedfuse-privacy, or the SuperNode's ledger-dir)")
+    return sorted(folder.glob("ledger-*.json"))
+
+
+def _privacy_show(args: argparse.Namespace) -> int:
+    from shared.privacy import epsilon
+
+    ledgers = _privacy_ledgers(args)
+    for path in ledgers:
+        d = json.loads(path.read_text())
+        runs = len({r["run"] for r in d["rounds"]})
+        eps = epsilon([tuple(h) for h in d["history"]], d["delta"])
+        print(f"{path.name}: site {d['site']}, epsilon {eps:.4g} per {d['unit']} at delta {d['delta']:g}, "
+              f"{len(d['rounds'])} rounds in {runs} run(s)")
+    if not ledgers:
+        print(f"{args.dir}: no ledgers")
+    return 0
+
+
+def _privacy_reset(args: argparse.Namespace) -> int:
+    ledgers = _privacy_ledgers(args)
+    if not args.yes:
+        raise ValueError(f"resetting {len(ledgers)} ledger(s) in {args.dir} lets their data be trained on again as "
+                         "if never used; pass --yes to do it on purpose")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in ledgers:  # kept under another name, for the audit trail; new runs start from zero
+        path.rename(path.with_name(f"reset-{stamp}-{path.name}"))
+        print(f"reset {path.name} (kept as reset-{stamp}-{path.name})")
     return 0
 
 
@@ -246,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--config", default="configs/paper.yaml", help="paper config (default configs/paper.yaml)")
     pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
     pp.set_defaults(func=_paper)
+
+    pv = sub.add_parser("privacy", help="the sites' privacy ledgers: what each data set has spent")
+    pvsub = pv.add_subparsers(dest="privacy_command", required=True)
+    show = pvsub.add_parser("show", help="the cumulative epsilon of every ledger in a folder")
+    show.add_argument("dir", help="ledger folder (privacy.ledger_dir; default <data.root>/.fedfuse-privacy)")
+    show.set_defaults(func=_privacy_show)
+    reset = pvsub.add_parser("reset", help="start every ledger in a folder from zero (the old ones are kept, renamed)")
+    reset.add_argument("dir", help="ledger folder")
+    reset.add_argument("--yes", action="store_true", help="confirm: the data may then be trained on again")
+    reset.set_defaults(func=_privacy_reset)
     return p
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.record import write_json
+from shared.cache import write_json
 from shared.config import Config
 from simulations.flower import federate
 

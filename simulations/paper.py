@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from server.record import write_json
 from shared import learner
-from shared.cache import fingerprint
+from shared.cache import fingerprint, write_json
 from shared.config import (
     Config,
     ConfigError,
@@ -161,7 +160,7 @@ def run_paper(base: Config, paper: PaperConfig, echo=print) -> Path:
     results: dict[tuple[str, str], list[dict]] = {}
     # Regenerated or edited data must not reuse cells: the key includes every input file's fingerprint.
     data = fingerprint(*sorted(p for p in Path(base.data.root).rglob("*") if p.is_file()
-                               and ".fedfuse-cache" not in p.parts))
+                               and not any(part.startswith(".fedfuse-") for part in p.parts)))
     for model in paper.models:
         for seed in paper.seeds:
             cfg = _model_config(base, model, seed)

@@ -1,0 +1,224 @@
+"""Local differential privacy: DP-SGD at each site (Opacus) and the site's privacy ledger.
+
+DP-SGD (Abadi et al., CCS 2016): every step draws *units* by Poisson sampling
+at rate ``q``, clips each unit's gradient to ``max_grad_norm``, adds Gaussian
+noise of standard deviation ``noise_multiplier * max_grad_norm`` to the sum
+and divides by the expected number of units. Opacus does the per-sample
+gradients (``GradSampleModule``), the clipping and noise (``DPOptimizer``) and
+the accounting (``RDPAccountant``); the sampling loop is ours, because Opacus
+samples records and a unit may be a group of records:
+
+* ``unit: patch``: a unit is one training sample (a patch, with its
+  patient's EHR row). The epsilon protects one patch. A patient contributes
+  up to ``k`` patches, so the patient-level guarantee is only the group
+  privacy bound ``(k eps, k e^((k-1) eps) delta)``, reported alongside and
+  vacuous for the hundreds of patches a BreCaHAD case has.
+* ``unit: patient``: a unit is one patient: up to ``patches_per_patient`` of
+  a sampled patient's samples, their per-sample gradients summed *before*
+  clipping, so one clipped contribution is the whole patient's and the
+  epsilon protects a patient (and so each of their patches).
+
+The ledger is a site-local JSON file keyed by a fingerprint of the site's
+training data. It holds the accountant's history (noise multiplier, sample
+rate, steps) of every round this data ever trained in, across runs and
+restarts, so the epsilon a site reports is cumulative; it is written
+atomically after every round and only ``fedfuse privacy reset`` empties it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from shared.cache import write_json
+from shared.config import Config, PrivacyConfig
+from shared.data import Samples
+from shared.train import _batch, class_weights
+
+Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one line of Opacus' RDP history
+
+
+def units(samples: Samples, unit: str) -> list[np.ndarray]:
+    """Sample indices of each unit: one per sample, or all of a patient's samples."""
+    if unit == "patch":
+        return list(np.arange(len(samples))[:, None])
+    _, inverse = np.unique(samples.cases, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One site's DP-SGD settings for a round, derived from the config and the size of its data."""
+
+    noise_multiplier: float
+    sample_rate: float
+    expected_units: float  # units in a step, on average: what the noisy sum is divided by
+    steps: int  # optimiser steps a round
+    max_patches: int  # the most samples one patient has here: the group size of the patch-level bound
+
+    @property
+    def entry(self) -> Entry:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def plan(cfg: Config, samples: Samples) -> Plan:
+    """Sample rate and steps per round for ``samples``; the noise for the target epsilon over all rounds."""
+    p, t = cfg.privacy, cfg.train
+    groups = units(samples, p.unit)
+    per_step = t.batch_size if p.unit == "patch" else max(1.0, t.batch_size / p.patches_per_patient)
+    q = min(1.0, per_step / max(len(groups), 1))
+    steps = t.steps if t.steps > 0 else t.local_epochs * math.ceil(1 / q)
+    if p.noise_multiplier is not None:
+        sigma = p.noise_multiplier
+    elif math.isinf(p.epsilon):
+        sigma = 0.0  # clipping without noise: the non-private reference point of a sweep
+    else:
+        sigma = get_noise_multiplier(target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=q,
+                                     steps=cfg.federation.rounds * steps, accountant="rdp")
+    _, counts = np.unique(samples.cases, return_counts=True)
+    return Plan(float(sigma), q, q * len(groups), steps, int(counts.max()) if len(counts) else 0)
+
+
+def epsilon(history: list[Entry], delta: float) -> float:
+    """Opacus' RDP epsilon at ``delta`` after ``history``."""
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": only at extreme epsilons
+        warnings.filterwarnings("ignore", message="Optimal order")
+        return float(accountant.get_epsilon(delta))
+
+
+def patient_bound(eps: float, delta: float, k: int) -> tuple[float, float]:
+    """Group privacy: a patch-level ``(eps, delta)`` guarantee covers a patient of ``k`` patches as this pair."""
+    if k <= 1:
+        return eps, delta
+    with np.errstate(over="ignore"):
+        return k * eps, float(min(math.inf, k * np.exp((k - 1) * eps) * delta))
+
+
+def fingerprint(samples: Samples) -> str:
+    """Hash of the training data itself (images, EHR, labels, cases): what the ledger's epsilon is about."""
+    h = hashlib.sha256()
+    for a in (samples.images, samples.ehr, samples.labels, samples.cases.astype(str)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+class Ledger:
+    """A site's privacy spending on one data set: the accountant's history, kept across runs."""
+
+    def __init__(self, folder: Path, samples: Samples, privacy: PrivacyConfig, site: str) -> None:
+        key = fingerprint(samples)
+        self.path = Path(folder) / f"ledger-{key}.json"
+        self.data = {"fingerprint": key, "site": site, "unit": privacy.unit, "delta": privacy.delta,
+                     "history": [], "rounds": []}
+        if self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text())
+                history = [(float(s), float(q), int(n)) for s, q, n in stored["history"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{self.path}: not a readable privacy ledger ({err}); it is left as it is: "
+                                 "repair it, or reset it on purpose with `fedfuse privacy reset`") from None
+            for key_name in ("unit", "delta"):
+                if stored.get(key_name) != self.data[key_name]:
+                    raise ValueError(f"{self.path}: this data's ledger is kept with privacy.{key_name} = "
+                                     f"{stored.get(key_name)!r}, the run asks for {self.data[key_name]!r}; "
+                                     "epsilons of different units or deltas do not add up")
+            self.data = {**stored, "history": history}
+
+    @property
+    def history(self) -> list[Entry]:
+        return self.data["history"]
+
+    def epsilon(self, extra: Entry | None = None) -> float:
+        """The cumulative epsilon, or what it would be after one more round ``extra``."""
+        return epsilon(self.history + ([extra] if extra else []), self.data["delta"])
+
+    def spend(self, entry: Entry, run: str, server_round: int) -> float:
+        """Add a trained round, save atomically, return the new cumulative epsilon."""
+        last = self.history[-1] if self.history else None
+        if last and last[:2] == entry[:2]:  # Opacus merges steps at the same noise and rate the same way
+            self.history[-1] = (last[0], last[1], last[2] + entry[2])
+        else:
+            self.history.append(tuple(entry))
+        eps = self.epsilon()
+        self.data["rounds"].append({"run": run, "round": server_round, "steps": entry[2],
+                                    "noise_multiplier": entry[0], "sample_rate": entry[1], "epsilon": eps,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(self.path, {**self.data, "history": [list(h) for h in self.history]})
+        return eps
+
+
+def check_module(model: nn.Module) -> None:
+    """Opacus' validator: refuse, naming each layer, a model DP-SGD cannot train."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError("the model cannot train under DP-SGD: " + "; ".join(map(str, errors))
+                         + " (use model.resnet_norm: group)")
+
+
+def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, seed: int, p: Plan) -> float:
+    """``p.steps`` DP-SGD steps on ``samples`` (Adam on the privatised gradient); returns the mean loss."""
+    check_module(model)
+    privacy, train = cfg.privacy, cfg.train
+    groups = units(samples, privacy.unit)
+    per_unit = 1 if privacy.unit == "patch" else privacy.patches_per_patient
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    weights = class_weights(samples.labels, n_classes, train.class_weights)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # A sum of per-sample losses: each row of grad_sample is then one sample's own gradient.
+        return (nn.functional.cross_entropy(logits, labels, reduction="none") * weights[labels]).sum()
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    params = [q for q in gsm.parameters() if q.requires_grad]
+    opt = DPOptimizer(torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay),
+                      noise_multiplier=p.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                      expected_batch_size=max(1, round(p.expected_units)), loss_reduction="mean",
+                      generator=torch.Generator().manual_seed(seed + 1))
+    gsm.train()
+    total, count = 0.0, 0
+    with warnings.catch_warnings():  # Opacus' backward hooks fire on inputs that need no gradient: expected
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(p.steps):
+            chosen = [groups[u] for u in np.flatnonzero(rng.random(len(groups)) < p.sample_rate)]
+            picks = [g if len(g) <= per_unit else rng.choice(g, per_unit, replace=False) for g in chosen]
+            opt.zero_grad(set_to_none=True)
+            if picks:
+                idx = np.concatenate(picks)
+                images, ehr, labels = _batch(samples, idx, True, gen)
+                loss = gsm._module.loss(images, ehr, labels, loss_fn)
+                loss.backward()
+                total += float(loss.detach())
+                count += len(idx)
+                if per_unit > 1:  # sum each patient's per-sample gradients: one row, clipped as one, per patient
+                    owner = torch.from_numpy(np.repeat(np.arange(len(picks)), [len(g) for g in picks]))
+                    for q in params:
+                        q.grad_sample = torch.zeros((len(picks), *q.shape)).index_add_(0, owner, q.grad_sample)
+            else:  # no unit drawn: the step still releases noise, and the ledger counts it
+                for q in params:
+                    q.grad_sample = torch.zeros((1, *q.shape))
+            opt.step()
+    gsm.remove_hooks()
+    return total / max(count, 1)

@@ -1,0 +1,202 @@
+"""Local DP-SGD and the sites' privacy ledgers, through the real ServerApp and ClientApp (in process)."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from client.app import app as client_app
+from server.app import app as server_app
+from shared import privacy
+from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, flatten, load, task_of
+from shared.data import Samples, load_site
+from shared.models import build_model
+from simulations.cli import _absolute, main
+from simulations.inprocess import run_server
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 2  # optimiser steps a round: enough to account for, small enough for a test
+
+
+def dp_config(quick_data, tmp_path, model="fusion", rounds=2, **changes):
+    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    settings = {"model.name": model, "data.root": str(quick_data), "data.sites": 2, "train.steps": STEPS,
+                "federation.rounds": rounds, "server.eval_data": None, "privacy.mode": "local",
+                "privacy.ledger_dir": str(tmp_path / "ledgers"), **changes}
+    return apply_overrides(cfg, settings)
+
+
+def run(cfg, run_dir: Path) -> dict:
+    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
+                                        **flatten(cfg)}, num_nodes=cfg.data.sites)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def site_train(cfg, k: int) -> Samples:
+    return load_site(Path(cfg.data.root) / f"site-{k}", cfg.data, cfg.seed + k, task_of(cfg))[0]
+
+
+def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Opacus' own accountant, stepped once per optimiser step."""
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+    return accountant.get_epsilon(delta)
+
+
+def test_each_sites_cumulative_epsilon_is_opacus_accountants(quick_data, tmp_path):
+    cfg = dp_config(quick_data, tmp_path, rounds=3, **{"privacy.epsilon": 5.0})
+    metrics = run(cfg, tmp_path / "run")
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and "stopped" not in metrics
+    for k in range(2):
+        n = len(site_train(cfg, k))
+        q = cfg.train.batch_size / n
+        sigma = get_noise_multiplier(target_epsilon=5.0, target_delta=1e-5, sample_rate=q, steps=3 * STEPS,
+                                     accountant="rdp")
+        per_round = [r["privacy"][f"site-{k}"]["epsilon"] for r in metrics["rounds"]]
+        for r, reported in enumerate(per_round, start=1):
+            assert abs(reported - opacus_epsilon(sigma, q, r * STEPS, 1e-5)) < 1e-6
+        final = metrics["privacy"]["sites"][f"site-{k}"]
+        assert final["epsilon"] == per_round[-1] <= 5.0 and final["round"] == 3
+        # patch-level DP says little about a patient with many patches: the group bound is far larger
+        assert final["epsilon_patient"] > 10 * final["epsilon"]
+
+
+def test_a_ledger_accumulates_across_runs_and_sites_decline_past_their_budget(quick_data, tmp_path):
+    sigma = 1.0
+    eps = {}
+    for k in range(2):
+        q = 32 / len(site_train(dp_config(quick_data, tmp_path), k))
+        eps[k] = [opacus_epsilon(sigma, q, r * STEPS, 1e-5) for r in (1, 2, 3)]
+    budget = (max(e[1] for e in eps.values()) + min(e[2] for e in eps.values())) / 2  # room for 2 rounds, not 3
+    assert max(e[1] for e in eps.values()) < budget < min(e[2] for e in eps.values())
+    cfg = dp_config(quick_data, tmp_path, rounds=1, **{"privacy.epsilon": None, "privacy.noise_multiplier": sigma,
+                                                       "privacy.budget": budget})
+    first = run(cfg, tmp_path / "first")  # one round; the ledger keeps it after the run has ended
+    assert [first["privacy"]["sites"][f"site-{k}"]["epsilon"] for k in range(2)] == pytest.approx(
+        [eps[k][0] for k in range(2)], abs=1e-6)
+
+    second = run(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=4)),
+                 tmp_path / "second")
+    rounds = second["rounds"]
+    assert rounds[0]["privacy"]["site-0"]["epsilon"] == pytest.approx(eps[0][1], abs=1e-6)  # continues the ledger
+    declined = rounds[1]["failed"]
+    assert set(declined) == {"site-0", "site-1"}
+    assert all(reason.startswith("budget_exhausted") for reason in declined.values())
+    assert len(rounds) == 2 and second["stopped"].startswith("round 2: every site has spent")
+    assert all(s["epsilon"] <= budget for s in second["privacy"]["sites"].values())
+    assert second["final"]["source"] == "federated" and second["final"]["round"] == 1
+    assert (tmp_path / "second" / "model.pt").is_file()
+
+    ledgers = sorted((tmp_path / "ledgers").glob("ledger-*.json"))
+    assert len(ledgers) == 2
+    for path in ledgers:  # two rounds spent in all, the declined round not at all
+        ledger = json.loads(path.read_text())
+        assert [r["round"] for r in ledger["rounds"]] == [1, 1] and ledger["history"][0][2] == 2 * STEPS
+
+
+def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(quick_data, tmp_path):
+    cfg = dp_config(quick_data, tmp_path, rounds=1, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
+                                                       "privacy.budget": 5.0})
+    spent = privacy.Ledger(tmp_path / "ledgers", site_train(cfg, 0), cfg.privacy, "site-0")
+    spent.spend((1.0, 0.5, 10_000), "an earlier study", 1)  # site-0's data has been used up before
+    metrics = run(cfg, tmp_path / "run")
+    only = metrics["rounds"][0]
+    assert list(only["failed"]) == ["site-0"] and only["failed"]["site-0"].startswith("budget_exhausted")
+    assert list(only["privacy"]) == ["site-1"] and "stopped" not in metrics
+    assert metrics["privacy"]["sites"]["site-1"]["epsilon"] < 5.0 and "site-0" not in metrics["privacy"]["sites"]
+    assert json.loads(spent.path.read_text())["history"] == [[1.0, 0.5, 10_000]]  # nothing more spent
+
+
+@pytest.mark.parametrize("model", ["fusion", "resnet18", "mlp"])
+def test_models_train_two_rounds_under_dp(quick_data, tmp_path, model):
+    cfg = dp_config(quick_data, tmp_path, model=model, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
+                                                          "privacy.unit": "patient" if model == "mlp" else "patch"})
+    metrics = run(cfg, tmp_path / "run")
+    assert len(metrics["rounds"]) == 2 and "stopped" not in metrics
+    for site in ("site-0", "site-1"):
+        spent = metrics["privacy"]["sites"][site]
+        assert 0 < spent["epsilon"] < math.inf and spent["round"] == 2
+    assert math.isfinite(metrics["final"]["macro_auc"])
+
+
+def test_patient_unit_groups_each_patients_samples_and_samples_patients():
+    cases = np.array(["b", "a", "b", "c", "a", "b"])
+    samples = Samples(np.zeros((6, 8, 8, 3), np.uint8), np.zeros((6, 2), np.float32), np.zeros(6, np.int64), cases)
+    groups = privacy.units(samples, "patient")
+    assert sorted(sorted(cases[g].tolist()) for g in groups) == [["a", "a"], ["b", "b", "b"], ["c"]]
+    assert sorted(np.concatenate(groups).tolist()) == list(range(6))
+    assert [g.tolist() for g in privacy.units(samples, "patch")] == [[i] for i in range(6)]
+
+
+def test_patient_unit_clips_a_whole_patient_as_one(monkeypatch):
+    """With unit patient, each clipped row is one patient's summed gradient: as many rows as patients drawn."""
+    cases = np.repeat(np.array(["a", "b", "c"]), 4)
+    samples = Samples(np.random.default_rng(0).integers(0, 255, (12, 16, 16, 3), np.uint8),
+                      np.zeros((12, 2), np.float32), np.arange(12) % 3, cases)
+    cfg = apply_overrides(load(ROOT / "configs/quickstart.yaml"), {
+        "model.name": "cnn", "privacy.mode": "local", "privacy.unit": "patient", "privacy.epsilon": None,
+        "privacy.noise_multiplier": 0.0, "privacy.patches_per_patient": 3, "train.batch_size": 9})
+    plan = privacy.plan(cfg, samples)
+    assert plan.sample_rate == 1.0 and plan.expected_units == 3  # 9 / 3 patients a step, of 3
+    rows = []
+    original = privacy.DPOptimizer.clip_and_accumulate
+
+    def spy(self):
+        rows.append({p.grad_sample.shape[0] for p in self.params})
+        return original(self)
+
+    monkeypatch.setattr(privacy.DPOptimizer, "clip_and_accumulate", spy)
+    model = build_model(cfg.model, 2, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    privacy.train_dp(model, samples, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2)), 3, 0,
+                     dataclasses.replace(plan, steps=2))
+    assert rows == [{3}, {3}]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_batchnorm_and_xgboost_are_refused_under_local_dp():
+    cfg = load(ROOT / "configs/quickstart.yaml")
+    with pytest.raises(ConfigError, match="resnet_norm: group"):
+        apply_overrides(cfg, {"privacy.mode": "local", "model.name": "resnet18", "model.resnet_norm": "batch"})
+    with pytest.raises(ConfigError, match="XGBoost"):
+        apply_overrides(cfg, {"privacy.mode": "local", "model.name": "xgboost", "federation.strategy": "xgb_bagging"})
+    with pytest.raises(ConfigError, match="exactly one"):
+        apply_overrides(cfg, {"privacy.mode": "local", "privacy.noise_multiplier": 1.0})
+    with pytest.raises(ValueError, match="BatchNorm"):
+        privacy.check_module(build_model(ModelConfig(name="resnet18", resnet_norm="batch"), 4, 3))
+
+
+def test_a_ledger_refuses_what_it_cannot_add_and_keeps_a_broken_file(tmp_path):
+    samples = Samples(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 2), np.float32), np.zeros(4, np.int64),
+                      np.array(["a", "a", "b", "b"]))
+    ledger = privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local"), "site-0")
+    eps = ledger.spend((1.0, 0.5, 3), "run-1", 1)
+    assert eps == pytest.approx(opacus_epsilon(1.0, 0.5, 3, 1e-5), abs=1e-9)
+    reopened = privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local"), "site-0")  # a restarted site
+    assert reopened.epsilon() == eps
+    with pytest.raises(ValueError, match="delta"):
+        privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local", delta=1e-6), "site-0")
+    other = Samples(samples.images + 1, samples.ehr, samples.labels, samples.cases)  # other data: its own ledger
+    assert privacy.Ledger(tmp_path, other, PrivacyConfig(mode="local"), "site-0").epsilon() == 0.0
+    assert main(["privacy", "reset", str(tmp_path)]) == 2 and ledger.path.is_file()  # not without --yes
+    assert main(["privacy", "reset", str(tmp_path), "--yes"]) == 0 and not ledger.path.exists()
+    assert privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local"), "site-0").epsilon() == 0.0
+    assert len(list(tmp_path.glob("reset-*-ledger-*.json"))) == 1  # the old ledger is kept for the record
+    ledger.path.write_text("{ not json")
+    with pytest.raises(ValueError, match=str(ledger.path.name)):
+        privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local"), "site-0")
+    assert ledger.path.read_text() == "{ not json"
+
+
+def test_group_privacy_bound():
+    assert privacy.patient_bound(1.0, 1e-5, 1) == (1.0, 1e-5)
+    eps, delta = privacy.patient_bound(1.0, 1e-5, 3)
+    assert eps == 3.0 and delta == pytest.approx(3 * math.exp(2) * 1e-5)
+    assert privacy.patient_bound(8.0, 1e-5, 500)[1] == math.inf
