@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.wire import from_record, to_record
+from client.wire import UNIFORM, from_record, to_record
 from shared import learner, privacy
 from shared.config import Config, classes_of, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
@@ -31,7 +33,6 @@ from simulations.partition import load_partition
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
-app = ClientApp()
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,21 @@ def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
     return privacy.Ledger(folder, site.train, p, site.name), budget
 
 
+def _uniform(site: Site) -> dict[str, float]:
+    """Central DP aggregates with equal site weights (what its accountant assumes): the weight it reads."""
+    return {UNIFORM: 1.0} if site.cfg.privacy.mode == "central" else {}
+
+
+def _central_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` on training messages that carry a clipping norm (central DP, client side)."""
+    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_central_clipping])
+
+
 def _privacy_metrics(site: Site, eps: float, dp: privacy.Plan | None) -> dict[str, float]:
     """The same keys in every reply (Flower aggregates only replies that agree): NaN without DP."""
     if dp is None:
@@ -119,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     if ledger is not None:
         eps = ledger.spend(dp.entry, str(context.run_id), server_round)
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(site.train), "site-index": site.index,
-                            **_privacy_metrics(site, eps, dp)})
+                            **_privacy_metrics(site, eps, dp), **_uniform(site)})
     return Message(RecordDict({"arrays": to_record(weights), "metrics": metrics}), reply_to=msg)
 
 
@@ -130,7 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     classes = classes_of(site.cfg)
     probs, loss = learner.predict(site.cfg, from_record(msg.content["arrays"]), site.test)
     flat = flatten_metrics({**classification_metrics(site.test.labels, probs, classes), "loss": loss}, classes)
-    metrics = MetricRecord({**flat, "site-index": site.index, "num-examples": len(site.test)})
+    metrics = MetricRecord({**flat, "site-index": site.index, "num-examples": len(site.test), **_uniform(site)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

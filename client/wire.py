@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+UNIFORM = "uniform-weight"  # central DP: the reply weight, 1 for every site, as Flower's accountant requires
+
 
 def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})

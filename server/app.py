@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from client.wire import from_record, to_record
 from server.record import RunRecord
@@ -85,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
             "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
             "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
         }
-    if cfg.privacy.mode != "none":
+    if cfg.privacy.mode == "local":
         p = cfg.privacy
         header["privacy"] = {
             "mode": p.mode, "unit": p.unit, "delta": p.delta, "target_epsilon": p.epsilon,
@@ -95,6 +96,15 @@ def main(grid: Grid, context: Context) -> None:
                     + ("(the same: a unit is a patient)" if p.unit == "patient" else
                        "(group privacy over the site's most patches of one patient)"),
             "sites": {},
+        }
+    elif cfg.privacy.mode == "central":
+        p = cfg.privacy
+        header["privacy"] = {
+            "mode": p.mode, "unit": "site", "delta": p.delta, "target_epsilon": p.epsilon,
+            "clipping": p.clipping, "clip_norm": p.clip_norm,
+            "note": "epsilon: for a whole site's contribution to this run (Flower's RDP accountant, FedAvg with "
+                    "equal site weights, every site every round, no amplification by sampling)",
+            "central": None,
         }
     record = RunRecord(run_dir, classes, header)
     if pretrained:
@@ -120,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
         record.close_round(server_round, cfg.federation.rounds)
         return None
 
-    strategy = build_strategy(cfg, record, names)
+    strategy = build_strategy(cfg, record, names, learner.trained_names(cfg))
     extra = {}
     try:
         strategy.start(
@@ -135,6 +145,9 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[fedfuse] {stop}", flush=True)
         extra["stopped"] = str(stop)
         record.close_round(stop.round, cfg.federation.rounds)  # keeps who declined, and why
+    except PrivacyBudgetExhausted as stop:  # central DP: raised before the release that would pass the budget
+        extra["stopped"] = f"central privacy budget: {stop}"
+        print(f"[fedfuse] stopped: {extra['stopped']}", flush=True)
     learner.save(cfg, from_record(latest["arrays"]), run_dir)
     final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedMedian,
@@ -22,7 +24,11 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
 )
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
+from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from client.wire import UNIFORM
 from server.record import RunRecord
 from shared.config import Config, classes_of
 from shared.serde import unflatten_metrics
@@ -40,6 +46,15 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 
+def note_failures(record: RunRecord, site_names: dict[int, str], server_round: int, replies: list[Message]) -> None:
+    """Print and record each error reply (Flower's reply filter drops them before aggregation)."""
+    for m in replies:
+        if m.has_error():
+            name = site_names.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
+            record.round(server_round).setdefault("failed", {})[name] = m.error.reason
+            print(f"[fedfuse] round {server_round}: site {name} did not train: {m.error.reason}", flush=True)
+
+
 class BudgetSpent(RuntimeError):
     """No site may train any more without exceeding its privacy budget: the run ends, cleanly."""
 
@@ -49,8 +64,8 @@ class BudgetSpent(RuntimeError):
         self.round = server_round
 
 
-class Recording:
-    """Mixin: record each site's evaluation and the round's training loss in the run's record."""
+class RecordingEvaluation:
+    """Mixin: record each site's evaluation in the run's record."""
 
     def __init__(self, record: RunRecord, site_names: dict[int, str], classes: tuple[str, ...], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -58,15 +73,32 @@ class Recording:
         self.site_names = site_names
         self.classes = classes
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        sites = self.record.round(server_round).setdefault("sites", {})
+        for m in replies:
+            if m.has_error():
+                continue
+            flat = dict(m.content["metrics"])
+            name = self.site_names.get(m.metadata.src_node_id, f"site-{int(flat['site-index'])}")
+            metrics = unflatten_metrics(flat, self.classes)
+            metrics["n"] = int(metrics.pop("num-examples"))
+            metrics.pop("site-index", None)
+            metrics.pop(UNIFORM, None)
+            sites[name] = metrics
+        return super().aggregate_evaluate(server_round, replies)
+
+
+class Recording(RecordingEvaluation):
+    """Mixin: also the round's failed replies, the sites' local-DP epsilons and the training loss."""
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         entry = self.record.round(server_round)
+        note_failures(self.record, self.site_names, server_round, replies)
         for m in replies:
             name = self.site_names.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
-            if m.has_error():  # dropped by Flower's reply filter; recorded and printed here
-                entry.setdefault("failed", {})[name] = m.error.reason
-                print(f"[fedfuse] round {server_round}: site {name} did not train: {m.error.reason}", flush=True)
-            elif not math.isnan(float(m.content["metrics"]["epsilon"])):  # NaN: the run has no DP
+            if not m.has_error() and not math.isnan(float(m.content["metrics"]["epsilon"])):  # NaN: no local DP
                 spent = {k.replace("-", "_"): float(m.content["metrics"][k])
                          for k in ("epsilon", "epsilon-patient", "delta-patient")}
                 entry.setdefault("privacy", {})[name] = spent
@@ -81,19 +113,76 @@ class Recording:
             self.record.round(server_round)["train_loss"] = float(metrics["train_loss"])
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+
+class CentralRecording:
+    """Mixin in front of Flower's central-DP wrapper: record each release's epsilon and each voided round.
+
+    The wrapper skips aggregation when any reply is an error (its accountant
+    assumes every site in every round); the round then releases nothing and the
+    global model stays as it was.
+    """
+
+    def __init__(self, record: RunRecord, site_names: dict[int, str], trained: set[str], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.record = record
+        self.site_names = site_names
+        self.trained = trained
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        sites = self.record.round(server_round).setdefault("sites", {})
-        for m in replies:
-            if m.has_error():
-                continue
-            flat = dict(m.content["metrics"])
-            name = self.site_names.get(m.metadata.src_node_id, f"site-{int(flat['site-index'])}")
-            metrics = unflatten_metrics(flat, self.classes)
-            metrics["n"] = int(metrics.pop("num-examples"))
-            metrics.pop("site-index", None)
-            sites[name] = metrics
-        return super().aggregate_evaluate(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        entry = self.record.round(server_round)
+        if arrays is None:
+            note_failures(self.record, self.site_names, server_round, replies)
+            entry["voided"] = "no release: Flower's DP wrapper aggregates only when every sampled site replies"
+            print(f"[fedfuse] round {server_round}: {entry['voided']}; the global model stays as it was", flush=True)
+        else:
+            spent = self.accountant.get_privacy_spent()
+            entry["privacy"] = {"epsilon": spent.epsilon, "releases": spent.num_releases}
+            if metrics is not None:
+                entry["train_loss"] = float(metrics["train_loss"])
+            self.record.data["privacy"]["central"] = {"epsilon": spent.epsilon, "delta": spent.delta,
+                                                      "releases": spent.num_releases, "round": server_round}
+        return arrays, metrics
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        # Buffers (the EHR scaling) and frozen layers never change in training: no update to protect, no noise.
+        noisy = super()._add_noise_to_aggregated_arrays(
+            ArrayRecord({k: aggregated_arrays[k] for k in aggregated_arrays.keys() if k in self.trained}))
+        return ArrayRecord({k: noisy[k] if k in self.trained else aggregated_arrays[k] for k in aggregated_arrays.keys()})
+
+
+def central_noise(epsilon: float, delta: float, releases: int) -> float:
+    """The smallest noise multiplier whose ``releases`` Gaussian releases stay within ``epsilon`` (Flower's RDP)."""
+    def spent(sigma: float) -> float:
+        accountant = _accountant(delta, 1, None)
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=1, population_size=1), releases)
+        return accountant.get_epsilon(delta)
+
+    low, high = 1e-2, 1e3
+    for _ in range(60):  # bisection; ``high`` always meets the target
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
+    return high
+
+
+def _accountant(delta: float, sites: int, budget: float | None) -> RdpAccountant:
+    return RdpAccountant(AccountingConfig(target_delta=delta, population_size=sites, max_epsilon=budget,
+                                          neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                          sampling_method=SamplingMethod.NO_AMPLIFICATION))
+
+
+def _central_dp(cfg: Config, inner: FedAvg, record: RunRecord, site_names: dict[int, str], trained: set[str]):
+    """FedAvg inside Flower's fixed-clipping DP wrapper, with Flower's RDP accountant (the ``dp`` extra)."""
+    p, sites = cfg.privacy, len(site_names)
+    sigma = p.noise_multiplier if p.noise_multiplier is not None else central_noise(p.epsilon, p.delta,
+                                                                                    cfg.federation.rounds)
+    budget = p.budget if p.budget is not None else p.epsilon
+    base = DifferentialPrivacyServerSideFixedClipping if p.clipping == "server" else \
+        DifferentialPrivacyClientSideFixedClipping
+    cls = type(f"Recording{base.__name__}", (CentralRecording, base), {})
+    return cls(record, site_names, trained, inner, sigma, p.clip_norm, sites,
+               accountant=_accountant(p.delta, sites, budget))
 
 
 def _options(cfg: Config) -> dict:
@@ -115,12 +204,20 @@ def _sampling(cfg: Config) -> dict:
     return {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
 
 
-def build_strategy(cfg: Config, record: RunRecord, site_names: dict[int, str]) -> FedAvg:
-    """The configured strategy (``federation.strategy``), recording into ``record``."""
+def build_strategy(cfg: Config, record: RunRecord, site_names: dict[int, str], trained: set[str]):
+    """The configured strategy (``federation.strategy``), recording into ``record``.
+
+    With ``privacy.mode: central`` it is wrapped in Flower's DP wrapper;
+    ``trained`` names the weights training changes (the ones that get noise).
+    """
     base = STRATEGIES[cfg.federation.strategy]
-    cls = type(f"Recording{base.__name__}", (Recording, base), {})
-    return cls(
+    central = cfg.privacy.mode == "central"
+    # Flower's accountant takes only FedAvg's own aggregate_train: the DP wrapper's mixin records training instead.
+    cls = type(f"Recording{base.__name__}", (RecordingEvaluation if central else Recording, base), {})
+    weighting = {"weighted_by_key": UNIFORM} if central else {}
+    strategy = cls(
         record, site_names, classes_of(cfg),
         fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate,
-        **_sampling(cfg), **_options(cfg),
+        **_sampling(cfg), **_options(cfg), **weighting,
     )
+    return _central_dp(cfg, strategy, record, site_names, trained) if central else strategy

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -112,10 +113,13 @@ class ServerConfig:
 class PrivacyConfig:
     """Differential privacy; the README's Privacy section says what each number protects."""
 
-    mode: str = "none"  # none | local (DP-SGD at every site, Opacus; shared/privacy.py)
-    epsilon: float | None = 8.0  # local: target epsilon of the whole run at each site; the noise is derived from it
-    delta: float = 1e-5  # local: the delta of every reported epsilon
-    noise_multiplier: float | None = None  # local: a fixed noise multiplier instead (then epsilon is only reported)
+    # none | local (DP-SGD at every site, Opacus; shared/privacy.py) | central (Flower's DP wrapper on FedAvg)
+    mode: str = "none"
+    epsilon: float | None = 8.0  # target epsilon of the whole run (local: at each site); the noise is derived from it
+    delta: float = 1e-5  # the delta of every reported epsilon
+    noise_multiplier: float | None = None  # a fixed noise multiplier instead (then epsilon is only reported)
+    clipping: str = "server"  # central: where each site's update is clipped: server | client (Flower's mod)
+    clip_norm: float = 1.0  # central: L2 bound of one site's update (all its weights)
     max_grad_norm: float = 1.0  # local: clipping bound of one unit's gradient
     unit: str = "patch"  # local: what one clipped contribution is: patch (one sample) | patient (all of a patient's)
     patches_per_patient: int = 8  # unit patient: at most this many of a sampled patient's samples in a step
@@ -155,7 +159,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_encoder": ("cnn", "resnet18"),
     "model.resnet_norm": ("group", "batch"),
     "train.class_weights": ("sqrt", "balanced", "none"),
-    "privacy.mode": ("none", "local"),
+    "privacy.mode": ("none", "local", "central"),
+    "privacy.clipping": ("server", "client"),
     "privacy.unit": ("patch", "patient"),
     "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
                             "xgb_bagging", "xgb_cyclic"),
@@ -235,6 +240,7 @@ def _check(cfg: Config) -> Config:
         ("model.image_aux_weight", m.image_aux_weight >= 0, ">= 0"),
         ("privacy.delta", 0 < cfg.privacy.delta < 1, "in (0, 1)"),
         ("privacy.max_grad_norm", cfg.privacy.max_grad_norm > 0, "positive"),
+        ("privacy.clip_norm", cfg.privacy.clip_norm > 0, "positive"),
         ("privacy.patches_per_patient", cfg.privacy.patches_per_patient >= 1, "at least 1"),
         ("privacy.epsilon", cfg.privacy.epsilon is None or cfg.privacy.epsilon > 0, "positive (.inf: no noise)"),
         ("privacy.noise_multiplier", (cfg.privacy.noise_multiplier or 0) >= 0, "0 or more"),
@@ -261,22 +267,34 @@ def _check(cfg: Config) -> Config:
 
 
 def _check_privacy(cfg: Config) -> None:
-    """Local DP-SGD needs a torch model whose every layer has per-sample gradients, and one noise setting."""
+    """One noise setting; central DP: what Flower's accountant covers; local DP-SGD: per-sample gradients."""
     p = cfg.privacy
-    if p.mode != "local":
+    if p.mode == "none":
         return
+    if (p.epsilon is None) == (p.noise_multiplier is None):
+        raise ConfigError("privacy: set exactly one of privacy.epsilon (a target for the run) and "
+                          "privacy.noise_multiplier (a fixed noise level)")
     if cfg.model.name == "xgboost":
-        raise ConfigError("privacy.mode: local is DP-SGD, for the neural models; XGBoost has no DP-SGD "
-                          "(model.name: mlp is the private EHR model)")
+        raise ConfigError(f"privacy.mode: {p.mode} adds noise to gradients or weights of the neural models; "
+                          "XGBoost's trees have neither (model.name: mlp is the private EHR model)")
+    if p.mode == "central":
+        # Flower's accountant composes one Gaussian release of FedAvg's equal-weight mean of every site a round.
+        if cfg.federation.strategy != "fedavg":
+            raise ConfigError(f"privacy.mode: central wraps FedAvg (equal site weights, no amplification by "
+                              f"sampling); federation.strategy {cfg.federation.strategy!r} is not accounted for")
+        if cfg.federation.fraction_train != 1.0:
+            raise ConfigError("privacy.mode: central accounts without amplification and needs every site every "
+                              f"round: set federation.fraction_train: 1.0 (got {cfg.federation.fraction_train})")
+        if p.noise_multiplier == 0 or (p.epsilon is not None and math.isinf(p.epsilon)):
+            raise ConfigError("privacy.mode: central needs noise: a positive privacy.noise_multiplier or a finite "
+                              "privacy.epsilon (privacy.mode: none trains without)")
+        return
     if uses_resnet(cfg.model) and cfg.model.resnet_norm == "batch":
         raise ConfigError("privacy.mode: local cannot train BatchNorm (its statistics mix the samples a step clips "
                           "one by one); set model.resnet_norm: group, the Opacus-ready ResNet-18")
     if cfg.federation.strategy == "fedprox":
         raise ConfigError("privacy.mode: local does not take FedProx's proximal term (it is not clipped per sample); "
                           "choose another federation.strategy")
-    if (p.epsilon is None) == (p.noise_multiplier is None):
-        raise ConfigError("privacy: set exactly one of privacy.epsilon (a target for the run) and "
-                          "privacy.noise_multiplier (a fixed noise level)")
 
 
 def _type_name(tp: Any) -> str:

@@ -53,6 +53,14 @@ def initial_weights(cfg: Config, mean: np.ndarray, std: np.ndarray) -> tuple[Wei
     return _to_weights(model), report
 
 
+def trained_names(cfg: Config) -> set[str]:
+    """The weights that training changes: the network's trainable parameters (XGBoost: its one array)."""
+    if cfg.model.name == "xgboost":
+        return {"0"}
+    model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proximal_mu: float = 0.0,
                  dp: privacy.Plan | None = None) -> tuple[Weights, float]:
     """A site's training on ``data`` from the global ``weights``; returns its update and training loss.

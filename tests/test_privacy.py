@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from client.app import app as client_app
 from server.app import app as server_app
-from shared import privacy
+from server.strategy import _accountant, central_noise
+from shared import learner, privacy
 from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, flatten, load, task_of
 from shared.data import Samples, load_site
+from shared.mimic import FEATURES
 from shared.models import build_model
 from simulations.cli import _absolute, main
 from simulations.inprocess import run_server
@@ -200,3 +203,55 @@ def test_group_privacy_bound():
     eps, delta = privacy.patient_bound(1.0, 1e-5, 3)
     assert eps == 3.0 and delta == pytest.approx(3 * math.exp(2) * 1e-5)
     assert privacy.patient_bound(8.0, 1e-5, 500)[1] == math.inf
+
+
+def central_config(quick_data, tmp_path, **changes):
+    return dp_config(quick_data, tmp_path, **{"privacy.mode": "central", **changes})
+
+
+def test_central_dp_reports_flowers_accountant_and_meets_its_target(quick_data, tmp_path):
+    cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": 8.0})
+    metrics = run(cfg, tmp_path / "run")
+    central = metrics["privacy"]["central"]
+    sigma = central_noise(8.0, 1e-5, 2)
+    accountant = _accountant(1e-5, 2, None)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=2, population_size=2), 2)
+    assert central["releases"] == 2 and central["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert 7.9 < central["epsilon"] <= 8.0  # the noise is the least that meets the target
+    assert [r["privacy"]["releases"] for r in metrics["rounds"]] == [1, 2]
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_central_dp_clips_each_sites_update(quick_data, tmp_path, clipping):
+    cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 0.5,
+                                                  "privacy.clipping": clipping, "privacy.clip_norm": 1e-4})
+    run(cfg, tmp_path / "run")
+    torch.manual_seed(cfg.seed)
+    start = build_model(cfg.model, len(FEATURES), 3).state_dict()
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    moved = math.sqrt(sum(float(((final[k] - start[k]) ** 2).sum()) for k in learner.trained_names(cfg)))
+    # Each round moves the model by at most the clipping norm plus the noise (0.5 * 1e-4 / 2 per weight):
+    # ~0.01 in all; one unclipped round of Adam moves it by several units.
+    assert moved < 0.05
+
+
+def test_central_dp_stops_before_a_release_past_its_budget(quick_data, tmp_path):
+    accountant = _accountant(1e-5, 2, None)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=2, population_size=2), 1)
+    one = accountant.get_epsilon(1e-5)
+    cfg = central_config(quick_data, tmp_path, rounds=3, **{"privacy.epsilon": None, "privacy.noise_multiplier": 2.0,
+                                                            "privacy.budget": one * 1.2})
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["stopped"].startswith("central privacy budget")
+    assert metrics["privacy"]["central"]["releases"] == 1 and metrics["privacy"]["central"]["epsilon"] <= one * 1.2
+    assert (tmp_path / "run" / "model.pt").is_file() and metrics["final"]["round"] == 1
+
+
+def test_central_dp_refuses_what_its_accountant_does_not_cover():
+    cfg = load(ROOT / "configs/quickstart.yaml")
+    with pytest.raises(ConfigError, match="FedAvg"):
+        apply_overrides(cfg, {"privacy.mode": "central", "federation.strategy": "fedadam"})
+    with pytest.raises(ConfigError, match="fraction_train"):
+        apply_overrides(cfg, {"privacy.mode": "central", "federation.fraction_train": 0.5})
+    with pytest.raises(ConfigError, match="needs noise"):
+        apply_overrides(cfg, {"privacy.mode": "central", "privacy.epsilon": math.inf})
