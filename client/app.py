@@ -63,6 +63,8 @@ def _site(context: Context) -> Site:
         index = int(node["partition-id"])
         name = f"{cfg.data.partition}-{index}"
         train, test = load_partition(Path(cfg.data.root), cfg.data, index, cfg.seed, task)
+    if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
+        train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
     return Site(cfg, index, name, train, test)
 
 

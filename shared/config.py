@@ -125,6 +125,7 @@ class PrivacyConfig:
     patches_per_patient: int = 8  # unit patient: at most this many of a sampled patient's samples in a step
     budget: float | None = None  # local: a site's total epsilon in its ledger, across runs; null: epsilon
     ledger_dir: str | None = None  # sites' ledgers; null: <data.root>/.fedfuse-privacy; relative: inside data.root
+    audit_fraction: float = 0.0  # share of each site's training units kept out of training (membership audit)
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def _check(cfg: Config) -> Config:
         ("privacy.epsilon", cfg.privacy.epsilon is None or cfg.privacy.epsilon > 0, "positive (.inf: no noise)"),
         ("privacy.noise_multiplier", (cfg.privacy.noise_multiplier or 0) >= 0, "0 or more"),
         ("privacy.budget", cfg.privacy.budget is None or cfg.privacy.budget > 0, "positive"),
+        ("privacy.audit_fraction", 0 <= cfg.privacy.audit_fraction < 1, "in [0, 1)"),
     ]
     for key, ok, expected in ranges:
         if not ok:

@@ -13,11 +13,14 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 
+def sample_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Each sample's cross-entropy."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+
+
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean cross-entropy of predicted probabilities (what ``predict`` reports for torch models)."""
-    if not len(labels):
-        return math.nan
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+    return float(np.mean(sample_losses(labels, probs))) if len(labels) else math.nan
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:

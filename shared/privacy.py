@@ -27,6 +27,7 @@ atomically after every round and only ``fedfuse privacy reset`` empties it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -61,6 +62,20 @@ def units(samples: Samples, unit: str) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
 
 
+def audit_split(samples: Samples, fraction: float, seed: int, unit: str) -> tuple[Samples, Samples]:
+    """(members, non-members): ``fraction`` of the units, drawn at random, kept out of training for an audit.
+
+    Members and non-members then come from the same patients (unit patch) or
+    the same hospital (unit patient), as a membership-inference audit needs.
+    """
+    groups = units(samples, unit)
+    out = np.random.default_rng([seed, 7919]).random(len(groups)) < fraction
+    held = np.zeros(len(samples), bool)
+    for g, o in zip(groups, out):
+        held[g] = o
+    return samples.subset(~held), samples.subset(held)
+
+
 @dataclass(frozen=True)
 class Plan:
     """One site's DP-SGD settings for a round, derived from the config and the size of its data."""
@@ -88,8 +103,9 @@ def plan(cfg: Config, samples: Samples) -> Plan:
     elif math.isinf(p.epsilon):
         sigma = 0.0  # clipping without noise: the non-private reference point of a sweep
     else:
-        sigma = get_noise_multiplier(target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=q,
-                                     steps=cfg.federation.rounds * steps, accountant="rdp")
+        with _quiet_orders():
+            sigma = get_noise_multiplier(target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=q,
+                                         steps=cfg.federation.rounds * steps, accountant="rdp")
     _, counts = np.unique(samples.cases, return_counts=True)
     return Plan(float(sigma), q, q * len(groups), steps, int(counts.max()) if len(counts) else 0)
 
@@ -102,9 +118,16 @@ def epsilon(history: list[Entry], delta: float) -> float:
         return math.inf
     accountant = RDPAccountant()
     accountant.history = [tuple(h) for h in history]
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": only at extreme epsilons
-        warnings.filterwarnings("ignore", message="Optimal order")
+    with _quiet_orders():
         return float(accountant.get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def _quiet_orders():
+    """Opacus warns when the best RDP order is at the end of its range: only at extreme epsilons, and harmless."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order")
+        yield
 
 
 def patient_bound(eps: float, delta: float, k: int) -> tuple[float, float]:

@@ -132,6 +132,33 @@ def _loso(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_sweep(args: argparse.Namespace) -> int:
+    from simulations.privacy_sweep import run_sweep
+
+    settings = parse_assignments(args.set)
+    if args.quick:  # a small version: two short rounds in process
+        settings = {"federation.rounds": 2, "train.steps": 4, **settings}
+    cfg = _absolute(load(args.config, settings))
+    _ensure_data(cfg)
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    if any(e <= 0 for e in epsilons):
+        raise ValueError(f"--epsilons: expected positive numbers or inf, got {args.epsilons}")
+    out = Path(args.out) if args.out else Path("results") / f"privacy-sweep-{cfg.name}{'-quick' if args.quick else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "config.yaml"  # a rerun continues the same sweep, never a different one
+    dump(cfg, out / "config.new.yaml")
+    if stamp.is_file() and stamp.read_text() != (out / "config.new.yaml").read_text():
+        (out / "config.new.yaml").unlink()
+        raise FileExistsError(f"{out} holds a sweep of another config ({stamp}); choose another --out")
+    (out / "config.new.yaml").replace(stamp)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    table = run_sweep(cfg, epsilons, seeds, out.resolve(), "inprocess" if args.quick else "simulation",
+                      echo=lambda line: print(line, flush=True))
+    print(table.read_text())
+    print(f"plot: {(out / 'privacy_sweep.png').resolve()}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from simulations.predict import predict_folder
 
@@ -286,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--config", default="configs/paper.yaml", help="paper config (default configs/paper.yaml)")
     pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
     pp.set_defaults(func=_paper)
+
+    sw = sub.add_parser("privacy-sweep", help="local DP at several epsilons: AUC and membership-attack AUC, a table "
+                        "and a plot")
+    sw.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
+    sw.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons per site; inf: no DP (default 1,3,8,inf)")
+    sw.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
+    sw.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    sw.add_argument("--out", help="results folder (default results/privacy-sweep-<name>); a rerun continues it")
+    sw.add_argument("--quick", action="store_true", help="a small version: 2 rounds of 4 steps, in process")
+    sw.set_defaults(func=_privacy_sweep)
 
     pv = sub.add_parser("privacy", help="the sites' privacy ledgers: what each data set has spent")
     pvsub = pv.add_subparsers(dest="privacy_command", required=True)

@@ -22,6 +22,7 @@ from shared.mimic import FEATURES
 from shared.models import build_model
 from simulations.cli import _absolute, main
 from simulations.inprocess import run_server
+from simulations.privacy_sweep import membership_auc, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 2  # optimiser steps a round: enough to account for, small enough for a test
@@ -255,3 +256,46 @@ def test_central_dp_refuses_what_its_accountant_does_not_cover():
         apply_overrides(cfg, {"privacy.mode": "central", "federation.fraction_train": 0.5})
     with pytest.raises(ConfigError, match="needs noise"):
         apply_overrides(cfg, {"privacy.mode": "central", "privacy.epsilon": math.inf})
+
+
+def test_membership_attack_auc_sees_memorisation_and_only_that():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+
+    def probs(p_true):  # probability p_true on the true class, the rest spread evenly
+        out = np.full((len(p_true), 3), 0.0)
+        out[:] = ((1 - p_true) / 2)[:, None]
+        out[np.arange(len(p_true)), labels[: len(p_true)]] = p_true
+        return out
+
+    same = membership_auc(probs(rng.uniform(0.3, 0.9, 400)), labels, probs(rng.uniform(0.3, 0.9, 400)), labels)
+    remembered = membership_auc(probs(rng.uniform(0.8, 0.99, 400)), labels, probs(rng.uniform(0.3, 0.9, 400)), labels)
+    assert abs(same - 0.5) < 0.07 and remembered > 0.85
+
+
+def test_audit_split_holds_out_whole_units_at_random():
+    cases = np.repeat(np.array([f"p{i}" for i in range(10)]), 6)
+    samples = Samples(np.zeros((60, 4, 4, 3), np.uint8), np.zeros((60, 2), np.float32), np.zeros(60, np.int64), cases)
+    members, others = privacy.audit_split(samples, 0.5, 0, "patch")
+    assert len(members) + len(others) == 60 and 15 < len(others) < 45
+    assert set(members.cases) & set(others.cases)  # patch unit: the same patients on both sides
+    members, others = privacy.audit_split(samples, 0.5, 0, "patient")
+    assert not set(members.cases) & set(others.cases) and len(others) % 6 == 0
+    again = privacy.audit_split(samples, 0.5, 0, "patient")[1]
+    assert np.array_equal(again.cases, others.cases)  # the sweep finds the same non-members as the sites
+
+
+def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_path):
+    cfg = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
+        "data.root": str(quick_data), "data.sites": 2, "train.steps": 2, "federation.rounds": 2})
+    table = run_sweep(cfg, [2.0, math.inf], [0], tmp_path / "sweep", "inprocess", echo=lambda line: None)
+    text = table.read_text()
+    assert "| 2 |" in text and "∞ (no DP)" in text
+    rows = [line.split(",") for line in (tmp_path / "sweep" / "privacy_sweep.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["2", "inf"]
+    for target, _, spent, macro, _focus, attack in rows:
+        assert 0 <= float(attack) <= 1 and 0 <= float(macro) <= 1
+        assert float(spent) <= 2.0 if target == "2" else math.isinf(float(spent))
+    png = tmp_path / "sweep" / "privacy_sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "sweep" / "ledgers").iterdir()) == ["eps-2-seed-0"]
