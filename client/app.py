@@ -102,7 +102,17 @@ def _central_clipping(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[_central_clipping])
+def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
+    """With ``privacy.secure_aggregation``, training speaks Flower's legacy SecAgg+ protocol (client/secagg.py)."""
+    if msg.metadata.message_type == MessageType.TRAIN and \
+            from_run_config(dict(context.run_config), APP_ROOT).privacy.secure_aggregation:
+        from client.secagg import legacy_app  # imported here: client/secagg.py builds on this module
+
+        return legacy_app(msg, context)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_secure_aggregation, _central_clipping])
 
 
 def _privacy_metrics(site: Site, eps: float, dp: privacy.Plan | None) -> dict[str, float]:
@@ -116,29 +126,45 @@ def _privacy_metrics(site: Site, eps: float, dp: privacy.Plan | None) -> dict[st
     return {"epsilon": eps, "epsilon-patient": eps_patient, "delta-patient": delta_patient}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's training split."""
-    site = _site(context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+class BudgetExhausted(RuntimeError):
+    """The site declines to train: this round would take its privacy ledger past its budget."""
+
+
+def local_training(site: Site, context: Context, weights: learner.Weights, server_round: int,
+                   mu: float = 0.0) -> tuple[learner.Weights, dict[str, float]]:
+    """This site's update of ``weights`` and its reply metrics; both apps' train handlers call it.
+
+    With local DP the site first checks its ledger, declining before it touches the data.
+    """
     seed = int(np.random.SeedSequence([site.cfg.seed, site.index, server_round]).generate_state(1)[0])
-    mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by FedProx
     dp, ledger, eps = None, None, math.nan
     if site.cfg.privacy.mode == "local":
         dp = privacy.plan(site.cfg, site.train)
         ledger, budget = _ledger(site, context)
         after = ledger.epsilon(dp.entry)
         if after > budget:  # decline before touching the data: the budget stays unspent
-            reason = (f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its budget "
-                      f"{budget:.4g}; round {server_round} would bring it to {after:.4g} ({ledger.path})")
-            return Message(Error(code=BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
-    weights, loss = learner.local_update(site.cfg, from_record(msg.content["arrays"]), site.train, seed, mu, dp)
+            raise BudgetExhausted(f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its "
+                                  f"budget {budget:.4g}; round {server_round} would bring it to {after:.4g} "
+                                  f"({ledger.path})")
+    weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp)
     if ledger is not None:
         eps = ledger.spend(dp.entry, str(context.run_id), server_round)
-    metrics = MetricRecord({"train_loss": loss, "num-examples": len(site.train), "site-index": site.index,
-                            **_privacy_metrics(site, eps, dp), **_uniform(site)})
-    return Message(RecordDict({"arrays": to_record(weights), "metrics": metrics}), reply_to=msg)
+    return weights, {"train_loss": loss, "num-examples": len(site.train), "site-index": site.index,
+                     **_privacy_metrics(site, eps, dp), **_uniform(site)}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's training split."""
+    site = _site(context)
+    config = msg.content["config"]
+    mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by FedProx
+    try:
+        weights, metrics = local_training(site, context, from_record(msg.content["arrays"]),
+                                          int(config["server-round"]), mu)
+    except BudgetExhausted as declined:
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(declined)), reply_to=msg)
+    return Message(RecordDict({"arrays": to_record(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -154,8 +180,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("ehr_stats")
 def ehr_stats(msg: Message, context: Context) -> Message:
-    """Per-feature count, sum and sum of squares of the training EHR: summary statistics only."""
+    """Per-feature count, sum and sum of squares of the training EHR, and its size: summary statistics only."""
     site = _site(context)
     stats = {k: v.tolist() for k, v in ehr_statistics(site.train.ehr).items()}
     return Message(RecordDict({"stats": MetricRecord(stats),
-                               "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+                               "site": ConfigRecord({"name": site.name, "examples": len(site.train)})}), reply_to=msg)

@@ -1,6 +1,7 @@
 """ServerApp: federation-wide statistics, FedAvg rounds, central evaluation, the run's outputs.
 
-The round loop is Flower's ``Strategy.start``; this module adds what happens
+The round loop is Flower's ``Strategy.start`` (with ``privacy.secure_aggregation``,
+Flower's legacy SecAgg+ workflow: server/secagg.py); this module adds what happens
 around it: one query round for the EHR feature statistics (sites share sums,
 never rows), evaluation on the server's own held-out set when it has one,
 ``metrics.json`` after every round, and the final model.
@@ -17,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from client.wire import from_record, to_record
+from server import secagg
 from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy
 from shared import learner
@@ -36,7 +38,11 @@ def _run_dir(cfg: Config, given: str) -> Path:
 
 
 def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict]]:
-    """Ask every site for its EHR sums; returns node -> site name and the statistics."""
+    """Ask every site for its EHR sums; returns node -> site name and the statistics.
+
+    Each site's statistics include ``examples``, the size of its training
+    split: what SecAgg+'s ``max_weight`` must cover.
+    """
     deadline = time.time() + 120
     nodes = list(grid.get_node_ids())
     while len(nodes) < cfg.federation.min_sites and time.time() < deadline:
@@ -51,7 +57,8 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
             continue
         names[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
         s = reply.content["stats"]
-        stats.append({k: np.asarray(s[k], np.float64) for k in ("count", "sum", "sumsq")})
+        stats.append({**{k: np.asarray(s[k], np.float64) for k in ("count", "sum", "sumsq")},
+                      "examples": int(reply.content["site"]["examples"])})
     if len(stats) < cfg.federation.min_sites:
         raise RuntimeError(f"only {len(stats)} site(s) answered; federation.min_sites is {cfg.federation.min_sites}")
     return names, stats
@@ -130,17 +137,21 @@ def main(grid: Grid, context: Context) -> None:
         record.close_round(server_round, cfg.federation.rounds)
         return None
 
-    strategy = build_strategy(cfg, record, names, learner.trained_names(cfg))
+    trained = learner.trained_names(cfg)
+    strategy = build_strategy(cfg, record, names, trained)
     extra = {}
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=latest["arrays"],
-            num_rounds=cfg.federation.rounds,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}),
-            evaluate_fn=evaluate,
-        )
+        if cfg.privacy.secure_aggregation:  # the strategy serves for the sites' evaluation only
+            secagg.start(grid, context, cfg, strategy, weights, trained, [s["examples"] for s in stats], evaluate)
+        else:
+            strategy.start(
+                grid=grid,
+                initial_arrays=latest["arrays"],
+                num_rounds=cfg.federation.rounds,
+                train_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({}),
+                evaluate_fn=evaluate,
+            )
     except BudgetSpent as stop:
         print(f"[fedfuse] {stop}", flush=True)
         extra["stopped"] = str(stop)

@@ -55,6 +55,15 @@ def note_failures(record: RunRecord, site_names: dict[int, str], server_round: i
             print(f"[fedfuse] round {server_round}: site {name} did not train: {m.error.reason}", flush=True)
 
 
+def note_spend(record: RunRecord, name: str, server_round: int, metrics) -> None:
+    """Record a site's cumulative local-DP epsilon from its training reply's metrics (NaN: no local DP)."""
+    if math.isnan(float(metrics["epsilon"])):
+        return
+    spent = {k.replace("-", "_"): float(metrics[k]) for k in ("epsilon", "epsilon-patient", "delta-patient")}
+    record.round(server_round).setdefault("privacy", {})[name] = spent
+    record.data["privacy"]["sites"][name] = {**spent, "round": server_round}
+
+
 class BudgetSpent(RuntimeError):
     """No site may train any more without exceeding its privacy budget: the run ends, cleanly."""
 
@@ -94,15 +103,11 @@ class Recording(RecordingEvaluation):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        entry = self.record.round(server_round)
         note_failures(self.record, self.site_names, server_round, replies)
         for m in replies:
-            name = self.site_names.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
-            if not m.has_error() and not math.isnan(float(m.content["metrics"]["epsilon"])):  # NaN: no local DP
-                spent = {k.replace("-", "_"): float(m.content["metrics"][k])
-                         for k in ("epsilon", "epsilon-patient", "delta-patient")}
-                entry.setdefault("privacy", {})[name] = spent
-                self.record.data["privacy"]["sites"][name] = {**spent, "round": server_round}
+            if not m.has_error():
+                name = self.site_names.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
+                note_spend(self.record, name, server_round, m.content["metrics"])
         if replies and all(m.has_error() and m.error.reason.startswith("budget_exhausted") for m in replies):
             raise BudgetSpent(server_round)
         arrays, metrics = super().aggregate_train(server_round, replies)

@@ -111,7 +111,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Differential privacy; the README's Privacy section says what each number protects."""
+    """Differential privacy and secure aggregation; the README's Privacy section says what each number protects."""
 
     # none | local (DP-SGD at every site, Opacus; shared/privacy.py) | central (Flower's DP wrapper on FedAvg)
     mode: str = "none"
@@ -126,6 +126,10 @@ class PrivacyConfig:
     budget: float | None = None  # local: a site's total epsilon in its ledger, across runs; null: epsilon
     ledger_dir: str | None = None  # sites' ledgers; null: <data.root>/.fedfuse-privacy; relative: inside data.root
     audit_fraction: float = 0.0  # share of each site's training units kept out of training (membership audit)
+    # SecAgg+ (Flower's legacy API, FedAvg only; server/secagg.py): the server learns only the sum of the sites' updates
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 8.0  # secure_aggregation: every trained weight must lie in [-this, this]
+    secagg_quantization_range: int = 4194304  # secure_aggregation: integer levels over that range (2**22, Flower's)
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,8 @@ def _check(cfg: Config) -> Config:
         ("privacy.noise_multiplier", (cfg.privacy.noise_multiplier or 0) >= 0, "0 or more"),
         ("privacy.budget", cfg.privacy.budget is None or cfg.privacy.budget > 0, "positive"),
         ("privacy.audit_fraction", 0 <= cfg.privacy.audit_fraction < 1, "in [0, 1)"),
+        ("privacy.secagg_clipping_range", cfg.privacy.secagg_clipping_range > 0, "positive"),
+        ("privacy.secagg_quantization_range", cfg.privacy.secagg_quantization_range >= 2, "at least 2"),
     ]
     for key, ok, expected in ranges:
         if not ok:
@@ -268,9 +274,34 @@ def _check(cfg: Config) -> Config:
     return cfg
 
 
+def _check_secure_aggregation(cfg: Config) -> None:
+    """What SecAgg+ can sum: FedAvg's weighted mean of bounded arrays, from at least two sites a round."""
+    f = cfg.federation
+    if cfg.model.name == "xgboost":
+        raise ConfigError("privacy.secure_aggregation: XGBoost's model is a tree ensemble in JSON, not arrays that "
+                          "can be masked and summed; use model.name: mlp for the EHR task")
+    if f.strategy != "fedavg":
+        raise ConfigError(f"privacy.secure_aggregation: SecAgg+ runs on Flower's legacy API with FedAvg only; "
+                          f"federation.strategy {f.strategy!r} needs each site's update, which the server never sees")
+    if cfg.privacy.mode == "central":
+        raise ConfigError("privacy.secure_aggregation: cannot be combined with privacy.mode: central, which clips and "
+                          "noises each site's update at the server (SecAgg+ hides them); privacy.mode: local can be")
+    if uses_resnet(cfg.model) and cfg.model.resnet_norm == "batch":
+        raise ConfigError("privacy.secure_aggregation: BatchNorm's running statistics and step counter are not "
+                          "trained weights within the clipping range; set model.resnet_norm: group")
+    if f.min_sites < 2:
+        raise ConfigError("privacy.secure_aggregation: needs federation.min_sites of at least 2 (a sum over one site "
+                          "is that site's update)")
+    if cfg.data.sites * cfg.privacy.secagg_quantization_range >= 2**32:  # Flower's modulus: the sum must not wrap
+        raise ConfigError(f"privacy.secagg_quantization_range: the sum of {cfg.data.sites} sites' quantised values "
+                          "must stay below SecAgg+'s modulus 2**32; lower it")
+
+
 def _check_privacy(cfg: Config) -> None:
     """One noise setting; central DP: what Flower's accountant covers; local DP-SGD: per-sample gradients."""
     p = cfg.privacy
+    if p.secure_aggregation:
+        _check_secure_aggregation(cfg)
     if p.mode == "none":
         return
     if (p.epsilon is None) == (p.noise_multiplier is None):

@@ -4,8 +4,11 @@ The SuperLink normally assigns message ids and carries replies; here
 ``push_messages`` calls the ClientApp directly and keeps its reply (an error
 reply if it raised), so ``ServerApp`` main runs unchanged, in tests and in
 ``paper``'s ``engine: inprocess``. It sets what a Flower process would
-(``TaskIdentity``, the message id in the metadata): Flower internals, pinned
-with flwr 1.42.0.
+(``TaskIdentity``, the message id in the metadata, a ``Run``) and passes
+every message through Flower's protobuf form, as the SuperLink does, so a site
+never shares an object with the server or another site (SecAgg+'s workflow
+sends one record to every site and its mod edits what it receives): Flower
+internals, pinned with flwr 1.42.0.
 """
 
 from __future__ import annotations
@@ -13,8 +16,15 @@ from __future__ import annotations
 import uuid
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+
+def _transmitted(message: Message) -> Message:
+    """The message as its receiver gets it: serialised and rebuilt, sharing nothing with the sender's."""
+    return message_from_proto(message_to_proto(message))
 
 
 class InProcessGrid(Grid):
@@ -33,8 +43,8 @@ class InProcessGrid(Grid):
         pass
 
     @property
-    def run(self):
-        raise NotImplementedError
+    def run(self) -> Run:
+        return Run.create_empty(run_id=1)  # the legacy API's client manager asks for its id
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
@@ -48,7 +58,8 @@ class InProcessGrid(Grid):
         for m in messages:
             m.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
             try:
-                self._replies[mid] = self.client_app(m, self.contexts[m.metadata.dst_node_id])
+                reply = self.client_app(_transmitted(m), self.contexts[m.metadata.dst_node_id])
+                self._replies[mid] = _transmitted(reply)
             except Exception as err:  # a failing site answers with an error reply
                 self._replies[mid] = Message(Error(code=0, reason=repr(err)), reply_to=m)
             ids.append(mid)
