@@ -299,3 +299,24 @@ def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_p
     png = tmp_path / "sweep" / "privacy_sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "sweep" / "ledgers").iterdir()) == ["eps-2-seed-0"]
+
+
+def test_central_dp_voids_a_round_with_a_failed_reply_and_goes_on(quick_data, tmp_path, monkeypatch):
+    import client.app
+
+    calls = []
+    real = client.app.learner.local_update
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client.app.learner, "local_update", first_call_fails)
+    cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0})
+    metrics = run(cfg, tmp_path / "run")
+    first, second = metrics["rounds"]
+    assert "no release" in first["voided"] and "disk full" in next(iter(first["failed"].values()))
+    assert "privacy" not in first and second["privacy"]["releases"] == 1
+    assert metrics["privacy"]["central"]["releases"] == 1 and "stopped" not in metrics
