@@ -286,8 +286,8 @@ def test_audit_split_holds_out_whole_units_at_random():
 
 
 def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_path):
-    cfg = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
-        "data.root": str(quick_data), "data.sites": 2, "train.steps": 2, "federation.rounds": 2})
+    cfg = _absolute(apply_overrides(load(ROOT / "configs/quickstart.yaml"), {
+        "data.root": str(quick_data), "data.sites": 2, "train.steps": 2, "federation.rounds": 2}))
     table = run_sweep(cfg, [2.0, math.inf], [0], tmp_path / "sweep", "inprocess", echo=lambda line: None)
     text = table.read_text()
     assert "| 2 |" in text and "∞ (no DP)" in text
