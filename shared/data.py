@@ -55,8 +55,11 @@ def concat(parts: list[Samples]) -> Samples:
     return Samples(*[np.concatenate([getattr(p, f) for p in parts]) for f in fields])
 
 
-def read_linkage(folder: Path) -> dict[str, int]:
-    """``linkage.csv`` of a hospital folder as case_id -> subject_id."""
+def linkage_table(folder: Path) -> pd.DataFrame:
+    """``linkage.csv`` of a hospital folder, checked: columns ``case_id``, ``subject_id``, ``row`` (1-based line).
+
+    A case may be linked to one subject only; a subject may have several cases.
+    """
     path = Path(folder) / "linkage.csv"
     if not path.is_file():
         raise DataFormatError(f"{folder}: no linkage.csv (columns case_id, subject_id) for data.pairing=linked")
@@ -71,10 +74,17 @@ def read_linkage(folder: Path) -> dict[str, int]:
     if ids.isna().any():
         row = int(ids.isna().to_numpy().argmax()) + 2  # 1-based, after the header
         raise DataFormatError(f"{path}: row {row}: subject_id {table['subject_id'].iloc[row - 2]!r} is not an integer")
-    table = table.assign(case_id=table["case_id"].str.strip(), subject_id=ids.astype(np.int64))
+    table = pd.DataFrame({"case_id": table["case_id"].str.strip(), "subject_id": ids.astype(np.int64),
+                          "row": np.arange(len(table)) + 2})
     clash = table.groupby("case_id")["subject_id"].nunique()
     if (clash > 1).any():
         raise DataFormatError(f"{path}: case_id {clash[clash > 1].index[0]!r} is linked to more than one subject_id")
+    return table
+
+
+def read_linkage(folder: Path) -> dict[str, int]:
+    """``linkage.csv`` of a hospital folder as case_id -> subject_id."""
+    table = linkage_table(folder)
     return dict(zip(table["case_id"], table["subject_id"]))
 
 

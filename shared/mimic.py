@@ -293,6 +293,24 @@ def _lab_chunk(chunk: pd.DataFrame, panel: dict, known_ids: set, cut: pd.Series,
     return kept.groupby(["subject_id", "itemid"])["value"].agg(["sum", "count"])
 
 
+def table_problems(root: Path) -> list[str]:
+    """What is wrong with each table the cohort needs (missing, unreadable header, missing columns); [] if none.
+
+    Reads a few rows of each table, so it lists every broken table at once
+    where :func:`build_cohort` stops at the first.
+    """
+    hosp = Path(root) / "hosp"
+    if not hosp.is_dir():
+        return [f"{root}: expected a MIMIC-IV root with a hosp/ folder"]
+    problems = []
+    for name in REQUIRED:
+        try:
+            _read(hosp, name, dtype=str, nrows=5)
+        except DataFormatError as err:
+            problems.append(str(err))
+    return problems
+
+
 def load_cohort(root: Path, positive: tuple[str, ...], cache_dir: Path | None) -> Cohort:
     """:func:`build_cohort` through the on-disk cache."""
     hosp = Path(root) / "hosp"

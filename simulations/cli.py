@@ -23,6 +23,7 @@ from shared.config import (
     run_name,
 )
 from shared.errors import DataFormatError
+from simulations.deploy import DeployError
 from simulations.flower import SimulationError
 
 
@@ -246,6 +247,75 @@ def _privacy_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_check(args: argparse.Namespace) -> int:
+    from shared.site_check import check_site
+
+    cfg = load(args.config) if args.config else Config()
+    report = check_site(Path(args.data_dir), cfg.data)
+    if args.json:
+        print(json.dumps({"folder": str(report.folder), "ok": report.ok, "problems": report.problems,
+                          "counts": report.counts}))
+    else:
+        for key, value in report.counts.items():
+            print(f"{key:<14} {value}")
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        print(f"{report.folder}: " + ("ready to join" if report.ok else f"{len(report.problems)} problem(s)"))
+    return 0 if report.ok else 1
+
+
+def _deploy_certs(args: argparse.Namespace) -> int:
+    from simulations.deploy import make_certs
+
+    paths = make_certs(Path(args.out), args.host, args.days, args.force)
+    print(f"CA: {paths['ca']} (give it to every hospital); {paths['ca_key']} stays here, private")
+    print(f"SuperLink: {paths['cert']} and {paths['key']}, valid for {', '.join(args.host)} for {args.days} days")
+    return 0
+
+
+def _deploy_keys(args: argparse.Namespace) -> int:
+    from simulations.deploy import make_keys
+
+    names = args.names.split(",") if args.names else [f"site-{k}" for k in range(args.sites)]
+    for pub in make_keys(Path(args.out), names, args.force):
+        print(f"{pub.with_suffix('')} (private: stays at the hospital) and {pub} (send to the coordinator)")
+    return 0
+
+
+def _deploy_admit(args: argparse.Namespace) -> int:
+    from simulations.deploy import Admissions
+
+    admissions = Admissions(Path(args.dir), args.superlink, args.ca)
+    if args.name and len(args.public_key) > 1:
+        raise ValueError("--name names one hospital; admit several keys without it (named by their files)")
+    for key in args.public_key:
+        node_id = admissions.admit(Path(key), args.name)
+        print(f"admitted {args.name or Path(key).name.removesuffix('.pub')} as node {node_id}")
+    return 0
+
+
+def _deploy_revoke(args: argparse.Namespace) -> int:
+    from simulations.deploy import Admissions
+
+    admissions = Admissions(Path(args.dir), args.superlink, args.ca)
+    for who in args.who:
+        print(f"revoked node {admissions.revoke(who)} ({who}); it is disconnected and cannot rejoin")
+    return 0
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    from simulations.deploy import deploy_local
+
+    overrides = parse_assignments(args.set)
+    load(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml", overrides)  # refuse bad keys now
+    started = time.time()
+    run_dir = deploy_local(Path(args.out), args.sites, overrides, echo=lambda line: print(line, flush=True))
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}; "
+          f"metrics: {run_dir / 'metrics.json'}; process logs: {Path(args.out).resolve() / 'processes'}")
+    return 0
+
+
 def seed_summary(finals: dict[int, dict]) -> dict[str, dict[str, float]]:
     """Mean and standard deviation over seeds of the final accuracy, macro AUC and per-class AUC."""
     import numpy as np
@@ -333,6 +403,50 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("dir", help="ledger folder")
     reset.add_argument("--yes", action="store_true", help="confirm: the data may then be trained on again")
     reset.set_defaults(func=_privacy_reset)
+
+    st = sub.add_parser("site", help="a hospital's side of a deployment")
+    stsub = st.add_subparsers(dest="site_command", required=True)
+    chk = stsub.add_parser("check", help="validate a hospital's data folder before it joins: every problem, and counts")
+    chk.add_argument("data_dir", help="hospital folder: BreCaHAD/, mimic-iv/, linkage.csv")
+    chk.add_argument("--config", help="YAML experiment file whose data section applies (default: the built-in one)")
+    chk.add_argument("--json", action="store_true", help="print one JSON object")
+    chk.set_defaults(func=_site_check)
+
+    dp = sub.add_parser("deploy", help="a real federation: certificates, keys, admissions (docs/DEPLOY.md)")
+    dpsub = dp.add_subparsers(dest="deploy_command", required=True)
+    ce = dpsub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    ce.add_argument("--out", required=True, help="the coordinator's folder (ca.crt, ca.key, superlink.crt/.key)")
+    ce.add_argument("--host", required=True, nargs="+", metavar="NAME_OR_IP",
+                    help="every DNS name or IP address the hospitals use to reach the SuperLink")
+    ce.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    ce.add_argument("--force", action="store_true", help="replace existing files (hospitals need the new ca.crt)")
+    ce.set_defaults(func=_deploy_certs)
+    ke = dpsub.add_parser("keys", help="SuperNode key pairs for node authentication")
+    ke.add_argument("--out", required=True, help="folder for <name> (private) and <name>.pub")
+    ke.add_argument("--sites", type=int, default=1, help="how many, named site-0, site-1, ... (default 1)")
+    ke.add_argument("--names", help="comma-separated names instead, e.g. hospital-a,hospital-b")
+    ke.add_argument("--force", action="store_true", help="replace existing keys (their admissions stop working)")
+    ke.set_defaults(func=_deploy_keys)
+    for verb, func, helptext in (("admit", _deploy_admit, "register hospitals' public keys with the SuperLink"),
+                                 ("revoke", _deploy_revoke, "unregister hospitals: they are cut off at once")):
+        a = dpsub.add_parser(verb, help=helptext)
+        if verb == "admit":
+            a.add_argument("public_key", nargs="+", help="<name>.pub file(s) from `fedfuse deploy keys`")
+            a.add_argument("--name", help="the hospital's name (default: the key file's name)")
+        else:
+            a.add_argument("who", nargs="+", help="an admitted name, a node id, or a public key file")
+        a.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+        a.add_argument("--dir", default=".", help="the coordinator's folder: ca.crt, admissions.json (default .)")
+        a.add_argument("--ca", help="CA certificate (default DIR/ca.crt)")
+        a.set_defaults(func=func)
+    lc = dpsub.add_parser("local", help="try the whole deployment on this machine: SuperLink, one SuperNode per "
+                          "site, TLS and node authentication, one run")
+    lc.add_argument("--out", default="deploy-try", help="folder for data, certificates, keys, logs, runs "
+                    "(default deploy-try)")
+    lc.add_argument("--sites", type=int, default=3)
+    lc.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a setting of configs/quickstart.yaml, e.g. --set federation.rounds=2")
+    lc.set_defaults(func=_deploy_local)
     return p
 
 
@@ -341,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so Flower processes are stopped
     try:
         return args.func(args)
-    except (ConfigError, DataFormatError, FileExistsError, FileNotFoundError, SimulationError, ValueError) as err:
+    except (ConfigError, DataFormatError, DeployError, FileExistsError, FileNotFoundError, SimulationError,
+            ValueError) as err:
         print(f"fedfuse: error: {err}", file=sys.stderr)
         return 2
 

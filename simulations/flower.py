@@ -135,49 +135,70 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
     ray_tmp, own_ray_tmp = ray_tmpdir(run_dir / "ray")
     env = flower_env(home, ray_tmp)
     port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedfuse"\n\n[superlink.fedfuse]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    overrides = run_dir / "run_config.toml"
-    overrides.write_text(tomli_w.dumps(run_config))
+    write_connection(home, f"127.0.0.1:{port}")
     log_path = run_dir / "flower.log"
     with open(log_path, "a") as log:
         superlink = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"],
             cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        helpers: tuple[int, ...] = ()
-        stream = None
+        helpers: list[int] = []  # the SuperExec leads its own session: remember it while the SuperLink lives
         try:
-            _wait_ready(superlink, port, log_path)
+            wait_ready(superlink, f"http://127.0.0.1:{port}/health", log_path)
             cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
-            federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus}"
-            sub = _flwr(["run", str(PROJECT_ROOT), "fedfuse", "--format", "json", "--federation-config", federation,
-                         "--run-config", str(overrides)], env, capture_output=True, timeout=300)
-            helpers = tuple(_children(superlink.pid))  # the SuperExec leads its own session: remember it now
-            try:
-                run_id = json.loads(sub.stdout)["run-id"]
-            except (json.JSONDecodeError, KeyError):
-                raise SimulationError(f"flwr run refused the app:\n{sub.stdout}{sub.stderr}") from None
-            stream = subprocess.Popen([str(BIN / "flwr"), "log", str(run_id), "fedfuse", "--stream"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in stream.stdout:
-                log.write(line)
-                if "[fedfuse]" in line:
-                    echo(line.split("[fedfuse]", 1)[1].strip())
-                elif "Traceback" in line or "ERROR" in line:
-                    echo(line.rstrip())
-            stream.wait()
-            status = _final_status(run_id, env, log_path)
-            if status["status"] != "finished:completed":
-                raise SimulationError(f"Flower run {run_id} ended {status['status']}: "
-                                      f"{status.get('status-details', '')} (full log: {log_path})")
+            submit_and_follow(env, run_dir / "run_config.toml", run_config, log, log_path, echo,
+                              federation_config=f"num-supernodes={num_sites} client-resources-num-cpus={cpus}",
+                              on_submitted=lambda: helpers.extend(_children(superlink.pid)))
         finally:
-            if stream is not None and stream.poll() is None:
-                stream.kill()
-            stop_tree(superlink.pid, known_groups=helpers)
+            stop_tree(superlink.pid, known_groups=tuple(helpers))
             superlink.wait()
             if own_ray_tmp:
                 shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def write_connection(home: Path, address: str, root_certificates: Path | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection, ``fedfuse``, made the default."""
+    conn = {"address": address}
+    conn.update({"root-certificates": str(root_certificates)} if root_certificates else {"insecure": True})
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "fedfuse", "fedfuse": conn}}))
+
+
+def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dict, log, log_path: Path, echo,
+                      federation_config: str | None = None, on_submitted=lambda: None) -> str:
+    """Submit the app to the SuperLink of ``env``'s ``fedfuse`` connection, stream its log, check how it ended.
+
+    ``flwr run`` exits 0 even when the run failed, so the run's status is read
+    from ``flwr ls`` afterwards; anything but ``finished:completed`` raises.
+    Returns the run id.
+    """
+    overrides_path.write_text(tomli_w.dumps(run_config))
+    args = ["run", str(PROJECT_ROOT), "fedfuse", "--format", "json", "--run-config", str(overrides_path)]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    sub = _flwr(args, env, capture_output=True, timeout=300)
+    on_submitted()
+    try:
+        run_id = json.loads(sub.stdout)["run-id"]
+    except (json.JSONDecodeError, KeyError):
+        raise SimulationError(f"flwr run refused the app:\n{sub.stdout}{sub.stderr}") from None
+    stream = subprocess.Popen([str(BIN / "flwr"), "log", str(run_id), "fedfuse", "--stream"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in stream.stdout:
+            log.write(line)
+            if "[fedfuse]" in line:
+                echo(line.split("[fedfuse]", 1)[1].strip())
+            elif "Traceback" in line or "ERROR" in line:
+                echo(line.rstrip())
+        stream.wait()
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+    status = _final_status(run_id, env, log_path)
+    if status["status"] != "finished:completed":
+        raise SimulationError(f"Flower run {run_id} ended {status['status']}: "
+                              f"{status.get('status-details', '')} (full log: {log_path})")
+    return run_id
 
 
 def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 2.0) -> dict:
@@ -195,18 +216,21 @@ def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: floa
         time.sleep(poll_s)
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 60) -> None:
+def wait_ready(proc: subprocess.Popen, health_url: str, log_path: Path, timeout: float = 60,
+               context=None) -> None:
+    """Wait until a SuperLink answers ``health_url`` (``context``: an ``ssl.SSLContext`` for HTTPS)."""
+    name = Path(str(proc.args[0])).name
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+            raise SimulationError(f"{name} exited with code {proc.returncode}; see {log_path}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(health_url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.3)
-    raise SimulationError(f"flower-superlink did not become ready in {timeout:.0f} s; see {log_path}")
+    raise SimulationError(f"{name} did not become ready in {timeout:.0f} s; see {log_path}")
 
 
 def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: None) -> None:

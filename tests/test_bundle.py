@@ -22,11 +22,14 @@ def test_data_caches_and_runs_are_not_bundled(tmp_path):
     # What a working checkout accumulates, in the extensions Flower would otherwise pack (.json, .yaml).
     for junk in ("data/quickstart/site-0/BreCaHAD/groundTruth/Case_1-01.json", "data/quickstart/notes.yaml",
                  "runs/quickstart-1/metrics.json", "runs/quickstart-1/config.yaml",
-                 "data/quickstart/site-0/.fedfuse-cache/x.json", ".flwr/config.toml", "results/shift_study.md"):
+                 "data/quickstart/site-0/.fedfuse-cache/x.json", ".flwr/config.toml", "results/shift_study.md",
+                 "coordinator/admissions.json", "coordinator/flwr-home/config.toml",
+                 "deploy-try/data/site-0/BreCaHAD/groundTruth/Case_1-01.json"):
         (app / junk).parent.mkdir(parents=True, exist_ok=True)
         (app / junk).write_text("{}")
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
     assert "server/app.py" in names and "client/app.py" in names and "configs/quickstart.yaml" in names
     assert "pyproject.toml" in names
-    leaked = [n for n in names if n.startswith(("data/", "runs/", ".flwr/", "results/")) or ".fedfuse-cache" in n]
+    kept_out = ("data/", "runs/", ".flwr/", "results/", "coordinator/", "deploy-try/")
+    leaked = [n for n in names if n.startswith(kept_out) or ".fedfuse-cache" in n]
     assert leaked == []
