@@ -205,8 +205,12 @@ def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, se
     privacy, train = cfg.privacy, cfg.train
     groups = units(samples, privacy.unit)
     per_unit = 1 if privacy.unit == "patch" else privacy.patches_per_patient
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    # The Poisson sample and the noise must be secret: drawn from the OS's entropy, never from the run's seed,
+    # which the server knows and could use to subtract the noise. So DP-SGD is not bit-reproducible.
+    secret = np.random.SeedSequence()
+    rng = np.random.default_rng(secret)
+    noise = torch.Generator().manual_seed(int(secret.generate_state(1, np.uint64)[0] >> 1))
+    gen = torch.Generator().manual_seed(seed)  # augmentation
     torch.manual_seed(seed)  # dropout
     weights = class_weights(samples.labels, n_classes, train.class_weights)
 
@@ -219,7 +223,7 @@ def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, se
     opt = DPOptimizer(torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay),
                       noise_multiplier=p.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                       expected_batch_size=max(1, round(p.expected_units)), loss_reduction="mean",
-                      generator=torch.Generator().manual_seed(seed + 1))
+                      generator=noise)
     gsm.train()
     total, count = 0.0, 0
     with warnings.catch_warnings():  # Opacus' backward hooks fire on inputs that need no gradient: expected
