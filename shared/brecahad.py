@@ -15,6 +15,7 @@ once per data version, not every round.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,10 @@ def read_points(path: Path) -> dict[str, np.ndarray]:
             if not (isinstance(p, dict) and all(isinstance(p.get(c), (int, float)) and not isinstance(p.get(c), bool)
                                                 for c in ("x", "y"))):
                 raise DataFormatError(f"{path}: {key}[{i}] should be {{'x': number, 'y': number}}, got {p!r}")
-            x, y = float(p["x"]), float(p["y"])
+            try:
+                x, y = float(p["x"]), float(p["y"])
+            except OverflowError:  # an integer too large for a float is outside [0, 1] too
+                x, y = math.inf, math.inf
             if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
                 raise DataFormatError(f"{path}: {key}[{i}] = ({x}, {y}) is outside [0, 1]; "
                                       "BreCaHAD points are normalised by the image's width and height")

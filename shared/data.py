@@ -26,7 +26,7 @@ import pandas as pd
 from shared.brecahad import load_patches
 from shared.config import DataConfig
 from shared.errors import DataFormatError
-from shared.mimic import FEATURES, load_cohort
+from shared.mimic import FEATURES, load_cohort, valid_ids
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,9 @@ def linkage_table(folder: Path) -> pd.DataFrame:
     if missing:
         raise DataFormatError(f"{path}: missing column(s) {', '.join(missing)}; expected case_id, subject_id")
     ids = pd.to_numeric(table["subject_id"], errors="coerce")
-    if ids.isna().any():
-        row = int(ids.isna().to_numpy().argmax()) + 2  # 1-based, after the header
+    bad = ~valid_ids(ids)
+    if bad.any():
+        row = int(bad.to_numpy().argmax()) + 2  # 1-based, after the header
         raise DataFormatError(f"{path}: row {row}: subject_id {table['subject_id'].iloc[row - 2]!r} is not an integer")
     table = pd.DataFrame({"case_id": table["case_id"].str.strip(), "subject_id": ids.astype(np.int64),
                           "row": np.arange(len(table)) + 2})

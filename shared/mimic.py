@@ -127,9 +127,14 @@ def _matches(codes: pd.Series, versions: pd.Series, groups: dict[int, tuple[str,
     return hit
 
 
+def valid_ids(ids: pd.Series) -> pd.Series:
+    """Which parsed ids are whole numbers an int64 holds (not NaN, 1e309, -3 or 2.5)."""
+    return ids.notna() & ids.between(0, 2**62) & (ids == np.floor(ids))
+
+
 def _numeric_ids(df: pd.DataFrame, col: str, skipped: dict[str, int], what: str) -> pd.DataFrame:
     ids = pd.to_numeric(df[col], errors="coerce")
-    bad = ids.isna()
+    bad = ~valid_ids(ids)
     if bad.any():
         skipped[what] = skipped.get(what, 0) + int(bad.sum())
     df = df.loc[~bad].copy()
