@@ -13,6 +13,7 @@ same code runs in simulation and at a hospital:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.wire import UNIFORM, from_record, to_record
 from shared import learner, privacy
-from shared.config import Config, classes_of, from_run_config, task_of
+from shared.config import Config, classes_of, fault_at, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
 from shared.serde import flatten_metrics
@@ -33,6 +34,7 @@ from simulations.partition import load_partition
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
+HANG_MARGIN_S = 2.0  # faults.hang: how long past federation.round_timeout the site takes
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,14 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
     """This site's update of ``weights`` and its reply metrics; both apps' train handlers call it.
 
     With local DP the site first checks its ledger, declining before it touches the data.
+    Randomness derives from (seed, site, round) alone, so a resumed run trains as a straight one
+    (local DP's noise excepted: shared/privacy.py draws it from the OS).
     """
+    fault = fault_at(site.cfg, site.index, server_round)
+    if fault == "crash":
+        raise RuntimeError(f"injected fault (faults.crash): site {site.name} fails in round {server_round}")
+    if fault == "hang":  # answers, but after the server stopped waiting
+        time.sleep(site.cfg.federation.round_timeout + HANG_MARGIN_S)
     seed = int(np.random.SeedSequence([site.cfg.seed, site.index, server_round]).generate_state(1)[0])
     dp, ledger, eps = None, None, math.nan
     if site.cfg.privacy.mode == "local":
@@ -149,6 +158,8 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
     weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp)
     if ledger is not None:
         eps = ledger.spend(dp.entry, str(context.run_id), server_round)
+    if fault == "nan":
+        weights = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in weights.items()}
     return weights, {"train_loss": loss, "num-examples": len(site.train), "site-index": site.index,
                      **_privacy_metrics(site, eps, dp), **_uniform(site)}
 

@@ -1,10 +1,13 @@
-"""ServerApp: federation-wide statistics, FedAvg rounds, central evaluation, the run's outputs.
+"""ServerApp: federation-wide statistics, the rounds, central evaluation, checkpoints, the run's outputs.
 
-The round loop is Flower's ``Strategy.start`` (with ``privacy.secure_aggregation``,
-Flower's legacy SecAgg+ workflow: server/secagg.py); this module adds what happens
-around it: one query round for the EHR feature statistics (sites share sums,
-never rows), evaluation on the server's own held-out set when it has one,
-``metrics.json`` after every round, and the final model.
+The round loop is server/loop.py's, which runs Flower's strategy hooks itself
+so a run can resume from its checkpoint and every reply is checked (with
+``privacy.secure_aggregation``, Flower's legacy SecAgg+ workflow:
+server/secagg.py, which neither checkpoints nor resumes). This module adds what
+happens around it: one query round for the EHR feature statistics (sites
+share sums, never rows), evaluation on the server's own held-out set when it
+has one, ``metrics.json`` and ``checkpoint.pkl`` after every round, and the
+final model.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from client.wire import from_record, to_record
-from server import secagg
+from server import checkpoint, secagg
+from server.loop import TooFewSites, run_rounds
 from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy
 from shared import learner
@@ -68,6 +72,10 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
     run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
+    resumed = checkpoint.load(run_dir) if str(context.run_config.get("resume", "")).lower() == "true" else None
+    if resumed and cfg.privacy.secure_aggregation:
+        raise ValueError("resume: runs with privacy.secure_aggregation keep no checkpoint (Flower's SecAgg+ workflow "
+                         "owns its rounds)")
     dump(cfg, run_dir / "config.yaml")
     classes = classes_of(cfg)
     started = time.time()
@@ -114,7 +122,11 @@ def main(grid: Grid, context: Context) -> None:
             "central": None,
         }
     record = RunRecord(run_dir, classes, header)
-    if pretrained:
+    if resumed:
+        record.data = resumed["record"]
+        weights = resumed["arrays"]
+        print(f"[fedfuse] resuming after round {resumed['round']} (checkpoint {run_dir / checkpoint.FILE})", flush=True)
+    if pretrained and not resumed:
         print(f"[fedfuse] pretrained weights {pretrained['path']}: {len(pretrained['loaded'])} tensors loaded, "
               f"{len(pretrained['not_loaded'])} not ({', '.join(list(pretrained['not_loaded'])[:4])}, ...)",
               flush=True)
@@ -139,23 +151,24 @@ def main(grid: Grid, context: Context) -> None:
 
     trained = learner.trained_names(cfg)
     strategy = build_strategy(cfg, record, names, trained)
+    if resumed:
+        checkpoint.restore_strategy(strategy, resumed["strategy"])
+        checkpoint.restore_rng(resumed)
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+        checkpoint.save(run_dir, server_round, from_record(arrays), strategy, record.data)
+
     extra = {}
     try:
         if cfg.privacy.secure_aggregation:  # the strategy serves for the sites' evaluation only
             secagg.start(grid, context, cfg, strategy, weights, trained, [s["examples"] for s in stats], evaluate)
         else:
-            strategy.start(
-                grid=grid,
-                initial_arrays=latest["arrays"],
-                num_rounds=cfg.federation.rounds,
-                train_config=ConfigRecord({}),
-                evaluate_config=ConfigRecord({}),
-                evaluate_fn=evaluate,
-            )
-    except BudgetSpent as stop:
+            run_rounds(grid, strategy, latest["arrays"], cfg, resumed["round"] + 1 if resumed else 1,
+                       lambda node: names.get(node, str(node)), evaluate, end_of_round)
+    except (BudgetSpent, TooFewSites) as stop:
         print(f"[fedfuse] {stop}", flush=True)
         extra["stopped"] = str(stop)
-        record.close_round(stop.round, cfg.federation.rounds)  # keeps who declined, and why
+        record.close_round(stop.round, cfg.federation.rounds)  # keeps who failed or declined, and why
     except PrivacyBudgetExhausted as stop:  # central DP: raised before the release that would pass the budget
         extra["stopped"] = f"central privacy budget: {stop}"
         print(f"[fedfuse] stopped: {extra['stopped']}", flush=True)

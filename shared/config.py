@@ -100,6 +100,9 @@ class FederationConfig:
     tau: float = 0.001  # fedadam, fedyogi: adaptivity (epsilon)
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end, in [0, 0.5)
     krum_malicious: int = 0  # krum: number of sites assumed malicious
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies; a later one counts as failed
+    # reject an update whose distance from the global model exceeds this multiple of the round's median (null: off)
+    max_update_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Failures injected at chosen sites and rounds (testing what the server survives); each entry is SITE@ROUND."""
+
+    crash: tuple[str, ...] = ()  # the site raises while training, e.g. ["1@2"]: site 1 in round 2
+    hang: tuple[str, ...] = ()  # the site answers only after federation.round_timeout
+    nan: tuple[str, ...] = ()  # the site returns NaN weights
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Flower's simulation engine on one machine."""
 
@@ -151,6 +163,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
@@ -206,6 +219,11 @@ def eval_data_path(cfg: Config) -> Path | None:
     return path if path.is_absolute() else Path(cfg.data.root) / path
 
 
+def fault_at(cfg: Config, site: int, server_round: int) -> str | None:
+    """The failure ``faults`` injects at this site in this round: crash, hang, nan, or None."""
+    return next((k for k in ("crash", "hang", "nan") if f"{site}@{server_round}" in getattr(cfg.faults, k)), None)
+
+
 def task_of(cfg: Config) -> str:
     return TASKS[cfg.model.name]
 
@@ -241,6 +259,8 @@ def _check(cfg: Config) -> Config:
         ("federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]"),
         ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
         ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
+        ("federation.round_timeout", f.round_timeout > 0, "positive (seconds)"),
+        ("federation.max_update_ratio", f.max_update_ratio is None or f.max_update_ratio > 1, "above 1, or null"),
         ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
         ("model.image_aux_weight", m.image_aux_weight >= 0, ">= 0"),
         ("privacy.delta", 0 < cfg.privacy.delta < 1, "in (0, 1)"),
@@ -266,6 +286,10 @@ def _check(cfg: Config) -> Config:
         raise ConfigError("model.pretrained / model.freeze: only for a ResNet-18 encoder (model.name resnet18, or "
                           "model.image_encoder resnet18 with fusion or late_fusion)")
     _check_privacy(cfg)
+    for kind in ("crash", "hang", "nan"):
+        for i, entry in enumerate(getattr(cfg.faults, kind)):
+            if not re.fullmatch(r"\d+@\d+", entry):
+                raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND (e.g. 1@2: site 1 in round 2), got {entry!r}")
     leave_out = cfg.data.leave_out
     if leave_out is not None and not 0 <= leave_out < cfg.data.sites:
         raise ConfigError(f"data.leave_out: expected a site index in 0..{cfg.data.sites - 1}, got {leave_out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import sys
 import time
@@ -168,13 +169,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_run(cfg: Config, run_dir: Path) -> None:
+    """A resumed run must have the config it started with (more rounds may be asked for)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved}: not a run folder written by `fedfuse simulate` (no config.yaml)")
+    before, now = flatten(load(saved)), flatten(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if k != "federation.rounds" and before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"--resume {run_dir}: the config differs from the run's in {', '.join(changed[:8])}; "
+                          "resume with the same config and --set options (only federation.rounds may grow)")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
 
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
-    run_dir = Path(args.out) if args.out else Path("runs") / run_name(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out")
+    if args.resume:
+        if args.out or args.seeds or args.force:
+            raise ValueError("--resume RUN_DIR continues that run: it takes no --out, --seeds or --force")
+        run_dir = Path(args.resume)
+        _same_run(cfg, run_dir)
+    else:
+        run_dir = Path(args.out) if args.out else Path("runs") / run_name(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not args.force:
+                raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out, continue it with "
+                                      "--resume, or replace it with --force")
+            shutil.rmtree(run_dir)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
     _ensure_data(cfg)
     run_dir = run_dir.resolve()
@@ -185,9 +207,10 @@ def _simulate(args: argparse.Namespace) -> int:
         folder = run_dir / f"seed-{seed}" if args.seeds else run_dir
         folder.mkdir(parents=True, exist_ok=True)
         dump(run, folder / "config.yaml")
-        run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run)}
+        run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run),
+                      "resume": "true" if args.resume else ""}
         print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
-              f"{cfg.federation.rounds} rounds -> {folder}", flush=True)
+              f"{cfg.federation.rounds} rounds -> {folder}" + (" (resumed)" if args.resume else ""), flush=True)
         run_simulation(folder, run_config, cfg.data.sites - (cfg.data.leave_out is not None),
                        cfg.simulation.cpus_per_site)
         finals[seed] = json.loads((folder / "metrics.json").read_text())["final"]
@@ -362,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting (repeatable), e.g. --set federation.rounds=3")
-    r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist")
+    r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist, unless --force")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round (its "
+                   "checkpoint.pkl), with the same config and --set options")
+    r.add_argument("--force", action="store_true", help="replace an existing --out folder")
     r.add_argument("--seeds", help="repeat the run for each seed, e.g. 0,1,2 (into seed-<s>/), and report "
                    "mean and std in summary.json")
     r.set_defaults(func=_simulate)

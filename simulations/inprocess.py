@@ -13,6 +13,7 @@ internals, pinned with flwr 1.42.0.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -69,7 +70,14 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in message_ids]
 
     def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+        """Every reply that took at most ``timeout`` (sites run in parallel in Flower: each has its own clock)."""
+        replies = []
+        for m in messages:
+            started = time.monotonic()
+            reply = self.pull_messages(self.push_messages([m]))
+            if timeout is None or time.monotonic() - started <= timeout:
+                replies += reply
+        return replies
 
 
 def run_server(server_app, client_app, run_config: dict, num_nodes: int) -> None:

@@ -25,25 +25,6 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_two_sites_one_round(quick_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    rc = main(["simulate", str(ROOT / "configs/quickstart.yaml"), "--out", str(run_dir),
-               "--set", f"data.root={quick_data}", "--set", f"server.eval_data={quick_data / 'holdout'}",
-               "--set", "data.sites=2", "--set", "federation.rounds=1", "--set", "train.local_epochs=1"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "round  1/1" in out and "final (central)" in out
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1]
-    assert set(metrics["rounds"][0]["sites"]) == {"site-0", "site-1"}
-    final = metrics["final"]
-    assert final["source"] == "central" and 0.0 <= final["macro_auc"] <= 1.0
-    assert set(final["auc"]) == {"mitosis", "tumor", "non_tumor"} and 0 <= final["accuracy"] <= 1
-    assert (run_dir / "model.pt").is_file() and (run_dir / "config.yaml").is_file()
-    assert processes_mentioning(str(run_dir)) == []  # SuperLink, SuperExec, Ray: all stopped
-
-
-@pytest.mark.e2e
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}")

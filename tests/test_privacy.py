@@ -106,8 +106,9 @@ def test_a_ledger_accumulates_across_runs_and_sites_decline_past_their_budget(qu
 
 
 def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(quick_data, tmp_path):
+    # federation.min_sites 1: the run may go on with one site (at 2 it would stop: tests/test_reliability.py)
     cfg = dp_config(quick_data, tmp_path, rounds=1, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
-                                                       "privacy.budget": 5.0})
+                                                       "privacy.budget": 5.0, "federation.min_sites": 1})
     spent = privacy.Ledger(tmp_path / "ledgers", site_train(cfg, 0), cfg.privacy, "site-0")
     spent.spend((1.0, 0.5, 10_000), "an earlier study", 1)  # site-0's data has been used up before
     metrics = run(cfg, tmp_path / "run")
@@ -314,7 +315,8 @@ def test_central_dp_voids_a_round_with_a_failed_reply_and_goes_on(quick_data, tm
         return real(*args, **kwargs)
 
     monkeypatch.setattr(client.app.learner, "local_update", first_call_fails)
-    cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0})
+    cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
+                                                  "federation.min_sites": 1})
     metrics = run(cfg, tmp_path / "run")
     first, second = metrics["rounds"]
     assert "no release" in first["voided"] and "disk full" in next(iter(first["failed"].values()))
