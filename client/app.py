@@ -25,7 +25,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.wire import UNIFORM, from_record, to_record
-from shared import learner, privacy
+from shared import explain, learner, privacy
 from shared.config import Config, classes_of, fault_at, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
@@ -196,3 +196,12 @@ def ehr_stats(msg: Message, context: Context) -> Message:
     stats = {k: v.tolist() for k, v in ehr_statistics(site.train.ehr).items()}
     return Message(RecordDict({"stats": MetricRecord(stats),
                                "site": ConfigRecord({"name": site.name, "examples": len(site.train)})}), reply_to=msg)
+
+
+@app.query("shap")
+def shap_importance(msg: Message, context: Context) -> Message:
+    """Mean |SHAP| per EHR feature over this site's explained test rows, and their count: aggregates only."""
+    site = _site(context)
+    rows = explain.explained_rows(site.test, site.cfg.report.shap_rows, site.cfg.seed + site.index)
+    mean_abs, n = explain.importance(site.cfg, from_record(msg.content["arrays"]), rows)
+    return Message(RecordDict({"shap": MetricRecord({"mean-abs": mean_abs.tolist(), "rows": n})}), reply_to=msg)

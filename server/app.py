@@ -25,11 +25,12 @@ from server import checkpoint, secagg
 from server.loop import TooFewSites, run_rounds
 from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy
-from shared import learner
-from shared.config import Config, classes_of, dump, eval_data_path, from_run_config, run_name, task_of
+from shared import explain, learner
+from shared.config import Config, classes_of, dump, eval_data_path, focus_class, from_run_config, run_name, task_of
 from shared.data import load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
+from shared.mimic import FEATURES
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 app = ServerApp()
@@ -66,6 +67,29 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
     if len(stats) < cfg.federation.min_sites:
         raise RuntimeError(f"only {len(stats)} site(s) answered; federation.min_sites is {cfg.federation.min_sites}")
     return names, stats
+
+
+def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord, cfg: Config) -> dict:
+    """Federated SHAP: each site's mean |SHAP| per feature and row count, combined by row count."""
+    messages = [Message(RecordDict({"arrays": arrays}), message_type="query.shap", dst_node_id=n) for n in names]
+    parts, rows = [], {}
+    for reply in sorted(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout),
+                        key=lambda m: names.get(m.metadata.src_node_id, "")):
+        name = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        if reply.has_error():
+            print(f"[fedfuse] site {name} could not explain the model: {reply.error.reason}", flush=True)
+            continue
+        shap_record = reply.content["shap"]
+        parts.append((np.asarray(shap_record["mean-abs"]), int(shap_record["rows"])))
+        rows[name] = int(shap_record["rows"])
+    if not parts:
+        return {}
+    mean_abs = explain.combine(parts)
+    ranked = sorted(zip(FEATURES, mean_abs.tolist()), key=lambda fv: -fv[1])
+    print("[fedfuse] federated SHAP, mean |SHAP| for " + focus_class(classes_of(cfg)) + ": "
+          + ", ".join(f"{f} {v:.3f}" for f, v in ranked[:5]), flush=True)
+    return {"method": "TreeExplainer" if cfg.model.name == "xgboost" else "DeepExplainer (mean patient reference)",
+            "class": focus_class(classes_of(cfg)), "rows": rows, "mean_abs_shap": dict(ranked)}
 
 
 @app.main()
@@ -172,6 +196,9 @@ def main(grid: Grid, context: Context) -> None:
     except PrivacyBudgetExhausted as stop:  # central DP: raised before the release that would pass the budget
         extra["stopped"] = f"central privacy budget: {stop}"
         print(f"[fedfuse] stopped: {extra['stopped']}", flush=True)
+    # Per-site aggregates are what secure aggregation hides from the server: no federated SHAP with it.
+    if cfg.report.shap_rows and explain.has_ehr_input(cfg) and not cfg.privacy.secure_aggregation:
+        record.data["importance"] = _federated_importance(grid, names, latest["arrays"], cfg)
     learner.save(cfg, from_record(latest["arrays"]), run_dir)
     final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())

@@ -136,6 +136,13 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What a run explains at its end (shared/explain.py)."""
+
+    shap_rows: int = 200  # test rows a site explains for federated SHAP (mean |SHAP| per feature); 0: none
+
+
+@dataclass(frozen=True)
 class FaultsConfig:
     """Failures injected at chosen sites and rounds (testing what the server survives); each entry is SITE@ROUND."""
 
@@ -163,6 +170,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
@@ -260,6 +268,7 @@ def _check(cfg: Config) -> Config:
         ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
         ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
         ("federation.round_timeout", f.round_timeout > 0, "positive (seconds)"),
+        ("report.shap_rows", cfg.report.shap_rows >= 0, "0 or more"),
         ("federation.max_update_ratio", f.max_update_ratio is None or f.max_update_ratio > 1, "above 1, or null"),
         ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
         ("model.image_aux_weight", m.image_aux_weight >= 0, ">= 0"),

@@ -122,7 +122,8 @@ def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(quick_data, tmp_pa
 @pytest.mark.parametrize("model", ["fusion", "resnet18", "mlp"])
 def test_models_train_two_rounds_under_dp(quick_data, tmp_path, model):
     cfg = dp_config(quick_data, tmp_path, model=model, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
-                                                          "privacy.unit": "patient" if model == "mlp" else "patch"})
+                                                          "privacy.unit": "patient" if model == "mlp" else "patch",
+                                                          "data.patch_size": 32})
     metrics = run(cfg, tmp_path / "run")
     assert len(metrics["rounds"]) == 2 and "stopped" not in metrics
     for site in ("site-0", "site-1"):

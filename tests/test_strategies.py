@@ -27,7 +27,7 @@ def federate(quick_data, tmp_path, model: str, strategy: str, rounds: int, holdo
         cfg,
         data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, patch_size=32),
         model=dataclasses.replace(cfg.model, name=model),
-        train=dataclasses.replace(cfg.train, local_epochs=1),
+        train=dataclasses.replace(cfg.train, steps=4 if model != "xgboost" else 0, local_epochs=1),
         federation=dataclasses.replace(cfg.federation, rounds=rounds, strategy=strategy),
         server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
     )
