@@ -232,6 +232,18 @@ def _simulate(args: argparse.Namespace) -> int:
     focus = focus_class(list(final["auc"]))
     print(f"done in {time.time() - started:.0f} s. final ({final['source']}) macro AUC {final['macro_auc']:.3f}, "
           f"{focus} AUC {final['auc'][focus]:.3f}; metrics: {folder / 'metrics.json'}")
+    print(f"report: {_report(folder)}")
+    return 0
+
+
+def _report(run_dir: Path) -> Path:
+    from simulations.report import build
+
+    return build(run_dir)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    print(f"report: {_report(Path(args.run_dir))}")
     return 0
 
 
@@ -398,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
     lo.add_argument("--out", help="results folder (default results/loso-<name>-<timestamp>)")
     lo.set_defaults(func=_loso)
+
+    rp = sub.add_parser("report", help="rebuild a run's report.html (plots, Grad-CAM, SHAP, privacy ledger)")
+    rp.add_argument("run_dir", help="a run folder written by `fedfuse simulate`")
+    rp.set_defaults(func=_report_command)
 
     pr = sub.add_parser("predict", help="apply a trained model to a hospital folder")
     pr.add_argument("model", help="a run folder written by `fedfuse simulate` (config.yaml + model.pt / model.json)")

@@ -242,7 +242,8 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
     from shared.config import flatten
 
     run_dir = Path(run_dir).resolve()  # the apps run in another working directory
-    run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg)}
+    # Experiments compare metrics: the end-of-run explanations (federated SHAP) are for a run's own report.
+    run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg), "report.shap_rows": 0}
     n_sites = cfg.data.sites - (cfg.data.leave_out is not None)
     if engine == "inprocess":
         from client.app import app as client_app

@@ -109,8 +109,9 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
         assert intruder.wait(timeout=60) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "processes" / "intruder.log").read_text()
         assert sorted(fed.wait_online(admissions, 3)) == sorted(node[n] for n in names[:3])
-        fed.run({"federation.rounds": 2, "train.steps": 3, "federation.min_sites": 3,  # the server scores; the
-                 "federation.fraction_evaluate": 0.0,  # sites' own evaluation would start 6 more processes
+        # The server scores on its test set; the sites' own evaluation and SHAP would start 9 more processes.
+        fed.run({"federation.rounds": 2, "train.steps": 3, "federation.min_sites": 3,
+                 "federation.fraction_evaluate": 0.0, "report.shap_rows": 0,
                  "server.eval_data": str(data / "holdout")}, tmp_path / "run", echo=lambda line: None)
     assert processes_mentioning(str(tmp_path)) == []  # SuperLink, SuperExec, SuperNodes, ClientApps: all stopped
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

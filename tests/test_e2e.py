@@ -46,7 +46,7 @@ def test_flwr_run_runs_the_same_app(quick_data, tmp_path):
     env = {**flower_env(tmp_path / "flwr-home", ray_tmp), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
     run_dir = tmp_path / "run"
     overrides = (f'data.root="{quick_data}" data.sites=2 server.eval_data="{quick_data / "holdout"}" '
-                 f'federation.rounds=1 train.local_epochs=1 run-dir="{run_dir}"')
+                 f'federation.rounds=1 train.local_epochs=1 report.shap_rows=0 run-dir="{run_dir}"')
     try:
         done = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "run", ".", "local", "--stream", "--run-config", overrides,

@@ -32,7 +32,7 @@ def dp_config(quick_data, tmp_path, model="fusion", rounds=2, **changes):
     cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
     settings = {"model.name": model, "data.root": str(quick_data), "data.sites": 2, "train.steps": STEPS,
                 "federation.rounds": rounds, "server.eval_data": None, "privacy.mode": "local",
-                "privacy.ledger_dir": str(tmp_path / "ledgers"), **changes}
+                "privacy.ledger_dir": str(tmp_path / "ledgers"), "report.shap_rows": 0, **changes}
     return apply_overrides(cfg, settings)
 
 

@@ -83,7 +83,7 @@ def federate(quick_data, tmp_path, overrides: dict) -> dict:
     resume = overrides.pop("resume", "")
     cfg = apply_overrides(_absolute(load(CONFIG)), {
         "data.root": str(quick_data), "data.sites": 2, "data.patch_size": 32, "model.name": "cnn",
-        "train.steps": 2, "server.eval_data": str(quick_data / "holdout"), **overrides})
+        "train.steps": 2, "server.eval_data": str(quick_data / "holdout"), "report.shap_rows": 0, **overrides})
     run_dir = tmp_path / "run"
     run_config = {"config": CONFIG, "run-dir": str(run_dir), **flatten(cfg), "resume": resume}
     run_server(server_app, client_app, run_config, num_nodes=2)
@@ -133,7 +133,7 @@ def test_a_killed_run_resumes_to_the_same_metrics(quick_data, tmp_path, capsys):
     """4 rounds straight == 2 rounds, every process of the run killed, resumed for the rest (real Flower)."""
     common = ["--set", f"data.root={quick_data}", "--set", f"server.eval_data={quick_data / 'holdout'}",
               "--set", "data.sites=2", "--set", "train.steps=2", "--set", "federation.rounds=4",
-              "--set", "data.patch_size=32"]
+              "--set", "data.patch_size=32", "--set", "report.shap_rows=0"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert main(["simulate", CONFIG, "--out", str(straight), *common]) == 0
     out = capsys.readouterr().out  # what `fedfuse simulate` prints and leaves behind

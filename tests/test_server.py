@@ -26,6 +26,7 @@ def run(quick_data, tmp_path, holdout: bool, **data_changes) -> dict:
         data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, **data_changes),
         train=dataclasses.replace(cfg.train, local_epochs=1),
         federation=dataclasses.replace(cfg.federation, rounds=1),
+        report=dataclasses.replace(cfg.report, shap_rows=0),
         server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
     )
     run_dir = tmp_path / "run"

@@ -29,6 +29,7 @@ def federate(quick_data, tmp_path, model: str, strategy: str, rounds: int, holdo
         model=dataclasses.replace(cfg.model, name=model),
         train=dataclasses.replace(cfg.train, steps=4 if model != "xgboost" else 0, local_epochs=1),
         federation=dataclasses.replace(cfg.federation, rounds=rounds, strategy=strategy),
+        report=dataclasses.replace(cfg.report, shap_rows=0),
         server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
     )
     run_dir = tmp_path / "run"

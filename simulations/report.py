@@ -1,0 +1,260 @@
+"""``runs/<run>/report.html``: one self-contained page (images embedded) for a finished run.
+
+Built from what the run left (``config.yaml``, ``metrics.json``, the model) and,
+where the server has a central test set, from predictions on it: ROC curves,
+Grad-CAM montages and SHAP plots need rows, which only the server's own test
+set provides (the sites keep theirs). Every section either shows its plot or
+says why it does not apply to this run. ``fedfuse report RUN_DIR`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shared.config import classes_of, eval_data_path, focus_class, load, task_of
+from shared.mimic import FEATURES
+
+MONTAGE = 6  # patches per row (correct / wrong) in a class's Grad-CAM montage
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _curves(metrics: dict, focus: str) -> str:
+    """Macro AUC, the focus class's AUC and the loss per round: central, and each site."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = metrics["rounds"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, get) in zip(axes, [("macro AUC", lambda m: m["macro_auc"]),
+                                       (f"{focus} AUC", lambda m: m["auc"][focus]),
+                                       ("loss", lambda m: m["loss"])]):
+        for source in ("central", "federated"):
+            pts = [(r["round"], get(r[source])) for r in rounds if r.get(source)]
+            if pts:
+                ax.plot(*zip(*pts), "o-", lw=2, label=source)
+        for site in sorted({s for r in rounds for s in r.get("sites", {})}):
+            pts = [(r["round"], get(r["sites"][site])) for r in rounds if site in r.get("sites", {})]
+            ax.plot(*zip(*pts), ".--", alpha=0.6, label=site)
+        ax.set(title=title, xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _png(fig)
+
+
+def _confusion(final: dict, classes: tuple[str, ...]) -> str:
+    plt = _plt()
+    cm = np.asarray(final["confusion"], float)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{cm[i, j]:.0f}", ha="center", va="center", color="black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=f"confusion ({final['source']})")
+    return _png(fig)
+
+
+def _site_matrix(metrics: dict, classes: tuple[str, ...]) -> str | None:
+    """The final global model on every test split it was scored on: rows splits, columns AUCs."""
+    last = next((r for r in reversed(metrics["rounds"]) if r.get("sites") or r.get("central")), None)
+    if last is None:
+        return None
+    rows = {**{s: m for s, m in sorted(last.get("sites", {}).items())},
+            **({"central test set": last["central"]} if last.get("central") else {})}
+    cols = ["macro_auc", *classes]
+    values = np.array([[m["macro_auc"], *[m["auc"][c] for c in classes]] for m in rows.values()], float)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2, 0.5 * len(rows) + 1.5))
+    ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="white")
+    ax.set(xticks=range(len(cols)), yticks=range(len(rows)), xticklabels=[c.replace("_", " ") for c in cols],
+           yticklabels=list(rows), title=f"global model of round {last['round']}, tested on each split")
+    return _png(fig)
+
+
+def _epsilon(metrics: dict) -> str | None:
+    rounds = [r for r in metrics["rounds"] if r.get("privacy")]
+    if not rounds:
+        return None
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    if metrics.get("privacy", {}).get("mode") == "central":
+        ax.plot([r["round"] for r in rounds], [r["privacy"]["epsilon"] for r in rounds], "o-", label="central")
+    else:
+        for site in sorted({s for r in rounds for s in r["privacy"]}):
+            pts = [(r["round"], r["privacy"][site]["epsilon"]) for r in rounds if site in r["privacy"]]
+            ax.plot(*zip(*pts), "o-", label=site)
+    ax.set(xlabel="round", ylabel="cumulative epsilon", title="privacy spent")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _roc(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> str:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for k, c in enumerate(classes):
+        y = labels == k
+        if y.any() and (~y).any():
+            fpr, tpr, _ = roc_curve(y, probs[:, k])
+            ax.plot(fpr, tpr, label=f"{c} (AUC {roc_auc_score(y, probs[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, central test set (one vs rest)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _montages(cfg, weights, data, probs) -> dict[str, str]:
+    """Per class: Grad-CAM for that class over correctly and wrongly classified patches of it."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from shared import explain
+
+    plt = _plt()
+    net = explain.network(cfg, weights)
+    predicted = probs.argmax(1)
+    out = {}
+    for k, c in enumerate(classes_of(cfg)):
+        groups = {"correct": np.flatnonzero((data.labels == k) & (predicted == k))[:MONTAGE],
+                  "wrong": np.flatnonzero((data.labels == k) & (predicted != k))[:MONTAGE]}
+        fig, axes = plt.subplots(2, MONTAGE, figsize=(1.6 * MONTAGE, 3.6))
+        for row, (kind, idx) in enumerate(groups.items()):
+            maps = explain.gradcam(net, data.images[idx], data.ehr[idx], [k] * len(idx)) if len(idx) else []
+            for col in range(MONTAGE):
+                ax = axes[row, col]
+                ax.axis("off")
+                if col < len(idx):
+                    ax.imshow(show_cam_on_image(data.images[idx[col]] / 255.0, maps[col], use_rgb=True))
+                    ax.set_title(f"{kind}: {classes_of(cfg)[predicted[idx[col]]]}", fontsize=7)
+        fig.suptitle(f"Grad-CAM for '{c}' on true {c} patches (title: predicted class)", fontsize=9)
+        out[c] = _png(fig)
+    return out
+
+
+def _shap_plots(cfg, weights, data) -> dict[str, str]:
+    import shap
+
+    from shared import explain
+
+    plt = _plt()
+    rows = explain.explained_rows(data, cfg.report.shap_rows or 200, cfg.seed)
+    values = explain.ehr_shap(cfg, weights, rows)
+    shown = np.where(np.isnan(rows.ehr), np.nanmean(rows.ehr, 0), rows.ehr)
+    out = {}
+    for kind in ("dot", "bar"):
+        shap.summary_plot(values, shown, feature_names=list(FEATURES), plot_type=kind, show=False, max_display=15)
+        out[kind] = _png(plt.gcf())
+    return out
+
+
+def build(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` from the run's outputs; returns its path."""
+    from shared import learner
+    from shared.data import load_folder
+
+    run_dir = Path(run_dir)
+    cfg = load(run_dir / "config.yaml")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    classes = tuple(metrics["classes"])
+    focus = focus_class(classes)
+    final = metrics.get("final") or {"source": "none"}
+    sections: list[tuple[str, str]] = []
+
+    def image(title: str, png: str | None, why_not: str) -> None:
+        body = f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">' if png else \
+            f'<p class="na">{html.escape(why_not)}</p>'
+        sections.append((title, body))
+
+    image("Metrics per round", _curves(metrics, focus) if metrics["rounds"] else None, "no round completed")
+    image("Confusion matrix", _confusion(final, classes) if final.get("confusion") else None,
+          "no final evaluation (no central test set and no site evaluated)")
+    image("Evaluation matrix", _site_matrix(metrics, classes), "no round was evaluated")
+    image("Privacy: epsilon per round", _epsilon(metrics),
+          "no privacy ledger: this run trained without differential privacy (privacy.mode: none)")
+
+    holdout = eval_data_path(cfg)
+    weights = learner.load(cfg, run_dir) if (run_dir / "model.pt").is_file() or (run_dir / "model.json").is_file() \
+        else None
+    why = ("no central test set (server.eval_data: null): ROC curves, Grad-CAM and SHAP plots need rows, and the "
+           "sites keep theirs") if holdout is None or not Path(holdout).is_dir() else "no final model in the run folder"
+    if weights is not None and holdout is not None and Path(holdout).is_dir():
+        data = load_folder(Path(holdout), cfg.data, cfg.seed, task_of(cfg))
+        probs, _ = learner.predict(cfg, weights, data)
+        image("ROC curves", _roc(data.labels, probs, classes), "")
+        if task_of(cfg) == "patch" and cfg.model.name != "mlp":
+            for c, png in _montages(cfg, weights, data, probs).items():
+                image(f"Grad-CAM: {c}", png, "")
+        else:
+            image("Grad-CAM", None, f"model {cfg.model.name} has no image input")
+        if cfg.model.name in ("fusion", "late_fusion", "mlp", "xgboost"):
+            plots = _shap_plots(cfg, weights, data)
+            image(f"SHAP of the EHR features for {focus} (central test set)", plots["dot"], "")
+            image("SHAP: mean |SHAP| per feature (central test set)", plots["bar"], "")
+        else:
+            image("SHAP", None, f"model {cfg.model.name} has no EHR input")
+    else:
+        for title in ("ROC curves", "Grad-CAM", "SHAP"):
+            image(title, None, why)
+    importance = metrics.get("importance") or {}
+    if importance:
+        ranked = list(importance["mean_abs_shap"].items())[:10]
+        rows = "".join(f"<tr><td>{html.escape(f)}</td><td>{v:.4f}</td></tr>" for f, v in ranked)
+        sections.append(("Federated SHAP (per-site mean |SHAP| and row count, combined)",
+                         f"<p>{html.escape(importance['method'])}; rows per site: "
+                         f"{html.escape(json.dumps(importance['rows']))}. The rank correlation with a model "
+                         f"trained on pooled data is not computed yet.</p><table>{rows}</table>"))
+    else:
+        sections.append(("Federated SHAP", '<p class="na">not computed in this run (report.shap_rows: 0, a model '
+                         'without EHR input, or secure aggregation)</p>'))
+    ledger = metrics.get("privacy")
+    sections.append(("Privacy ledger", f"<pre>{html.escape(json.dumps(ledger, indent=1))}</pre>" if ledger else
+                     '<p class="na">no privacy ledger: privacy.mode none</p>'))
+    summary = {k: final.get(k) for k in ("source", "round", "macro_auc", "accuracy", "auc", "ci95") if k in final}
+    head = (f"<p>model <b>{html.escape(metrics['model'])}</b> ({html.escape(metrics['task'])} task), sites "
+            f"{html.escape(', '.join(metrics['sites']))}; data {html.escape(str(metrics['data_root']))}, pairing "
+            f"<b>{html.escape(metrics['pairing'])}</b>; pretrained: {html.escape(str(metrics['pretrained']))}</p>"
+            + (f"<p><b>stopped:</b> {html.escape(metrics['stopped'])}</p>" if metrics.get("stopped") else ""))
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedfuse report: {html.escape(metrics['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}img{{max-width:100%}}
+.na{{color:#777;font-style:italic}}pre{{background:#f4f4f4;padding:.6em;overflow:auto;font-size:12px}}
+td{{padding:2px 12px}}section{{border-top:1px solid #ddd;margin-top:1.2em}}</style></head><body>
+<h1>fedfuse run: {html.escape(run_dir.name)}</h1>{head}
+<h2>Final metrics</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>
+{body}
+<section><h2>Configuration</h2><pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre></section>
+</body></html>
+"""
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path
