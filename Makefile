@@ -16,8 +16,9 @@ demo: $(STAMP)
 	$(BIN)/fedfuse simulate configs/quickstart.yaml
 
 # pytest exits 5 when it collects no test: for this suite that is a breakage, not a pass.
+# Two workers (pytest-xdist), a test file each: the sites train on one thread, so 2 cores halve the wall time.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 
 # The same app through `flwr run . local --stream` and Flower's own local SuperLink (needs data: run
