@@ -70,7 +70,8 @@ def _confusion(final: dict, classes: tuple[str, ...]) -> str:
     ax.imshow(cm, cmap="Blues")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{cm[i, j]:.0f}", ha="center", va="center", color="black")
+            ax.text(j, i, f"{cm[i, j]:.0f}", ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=f"confusion ({final['source']})")
     return _png(fig)
@@ -90,7 +91,7 @@ def _site_matrix(metrics: dict, classes: tuple[str, ...]) -> str | None:
     ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0)
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="white")
+            ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="black")
     ax.set(xticks=range(len(cols)), yticks=range(len(rows)), xticklabels=[c.replace("_", " ") for c in cols],
            yticklabels=list(rows), title=f"global model of round {last['round']}, tested on each split")
     return _png(fig)
