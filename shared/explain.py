@@ -24,25 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared import learner, xgb
 from shared.config import Config, classes_of, focus_class
 from shared.data import Samples
-from shared.mimic import FEATURES
-from shared.models import FusionNet, LateFusion, build_model
+from shared.models import FusionNet, LateFusion
 from shared.resnet import ResNetEncoder
 from shared.serde import array_to_booster
+from shared.train import image_tensor
 
 BATCH = 256
-
-
-def network(cfg: Config, weights: dict[str, np.ndarray]) -> nn.Module:
-    model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
-    return model.eval()
-
-
-def _images(images: np.ndarray) -> torch.Tensor:
-    # uint8 (B, P, P, 3) -> float (B, 3, P, P) in [0, 1], as in training
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 class _ImageView(nn.Module):
@@ -75,7 +65,7 @@ def gradcam(model: nn.Module, images: np.ndarray, ehr: np.ndarray, targets: list
 
     view = _ImageView(model.eval(), torch.from_numpy(ehr))
     with GradCAM(model=view, target_layers=[_cam_layer(model)]) as cam:
-        return cam(input_tensor=_images(images), targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        return cam(input_tensor=image_tensor(images), targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
 
 class _TabularView(nn.Module):
@@ -102,13 +92,10 @@ def ehr_shap(cfg: Config, weights: dict[str, np.ndarray], data: Samples) -> np.n
 
     target = _explained_class(cfg)
     if cfg.model.name == "xgboost":
-        import xgboost as xgb
-
-        booster = xgb.Booster()
-        booster.load_model(bytearray(array_to_booster(weights["0"])))
+        booster = xgb.load_booster(array_to_booster(weights["0"]))
         values = shap.TreeExplainer(booster).shap_values(data.ehr)  # log-odds of breast cancer
         return np.asarray(values, np.float64)
-    model = network(cfg, weights)
+    model = learner.network(cfg, weights).eval()
     if isinstance(model, LateFusion):
         model = model.ehr_model
     if model.ehr is None:
@@ -117,7 +104,7 @@ def ehr_shap(cfg: Config, weights: dict[str, np.ndarray], data: Samples) -> np.n
     ehr = np.where(np.isnan(data.ehr), mean, data.ehr).astype(np.float32)  # how the model reads a missing value
     view = _TabularView(model, target)
     with torch.no_grad():
-        latent = (torch.cat([model.image(_images(data.images[i:i + BATCH])) for i in range(0, len(data), BATCH)])
+        latent = (torch.cat([model.image(image_tensor(data.images[i:i + BATCH])) for i in range(0, len(data), BATCH)])
                   if model.image is not None else torch.zeros(len(data), 0))
     background = [torch.zeros(1, latent.shape[1]), torch.from_numpy(mean[None, :]).float()]
     with warnings.catch_warnings():  # LayerNorm has no DeepLIFT rule: shap passes its gradient, and says so

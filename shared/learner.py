@@ -30,7 +30,8 @@ def _state_dict(weights: Weights) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
 
 
-def _network(cfg: Config, weights: Weights) -> torch.nn.Module:
+def network(cfg: Config, weights: Weights) -> torch.nn.Module:
+    """The configured torch model holding ``weights``."""
     model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
     model.load_state_dict(_state_dict(weights))
     return model
@@ -71,7 +72,7 @@ def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proxim
         raw, loss = xgb.boost(array_to_booster(weights["0"]), data.ehr, data.labels, cfg.model, seed,
                               bagging=cfg.federation.strategy == "xgb_bagging")
         return {"0": booster_to_array(raw)}, loss
-    model = _network(cfg, weights)
+    model = network(cfg, weights)
     if dp is not None:
         loss = privacy.train_dp(model, data, cfg, len(classes_of(cfg)), seed, dp)
     else:
@@ -84,7 +85,7 @@ def predict(cfg: Config, weights: Weights, data: Samples) -> tuple[np.ndarray, f
     if cfg.model.name == "xgboost":
         probs = xgb.predict_proba(array_to_booster(weights["0"]), data.ehr)
         return probs, log_loss(data.labels, probs)
-    return predict_torch(_network(cfg, weights), data)
+    return predict_torch(network(cfg, weights), data)
 
 
 def save(cfg: Config, weights: Weights, run_dir: Path) -> Path:

@@ -30,9 +30,13 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generator | None):
+def image_tensor(images: np.ndarray) -> torch.Tensor:
     # uint8 (B, P, P, 3) -> float (B, 3, P, P) in [0, 1]
-    images = torch.from_numpy(samples.images[idx]).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generator | None):
+    images = image_tensor(samples.images[idx])
     if augment:  # dihedral symmetries: a patch has no up or left
         k = int(torch.randint(0, 4, (1,), generator=gen))
         images = torch.rot90(images, k, dims=(2, 3))

@@ -50,10 +50,14 @@ def boost(
     return bytes(booster.save_raw("json")), loss
 
 
+def load_booster(model: bytes) -> xgb.Booster:
+    return xgb.Booster(model_file=bytearray(model))
+
+
 def predict_proba(model: bytes, x: np.ndarray) -> np.ndarray:
     """``(n, 2)`` probabilities of no / yes; 0.5 for everyone while the model is still empty."""
     if not model:
         return np.full((len(x), 2), 0.5)
-    booster = xgb.Booster(model_file=bytearray(model))
+    booster = load_booster(model)
     p1 = booster.predict(xgb.DMatrix(x, missing=np.nan))
     return np.column_stack([1.0 - p1, p1])

@@ -138,10 +138,10 @@ def _montages(cfg, weights, data, probs) -> dict[str, str]:
     """Per class: Grad-CAM for that class over correctly and wrongly classified patches of it."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from shared import explain
+    from shared import explain, learner
 
     plt = _plt()
-    net = explain.network(cfg, weights)
+    net = learner.network(cfg, weights).eval()
     predicted = probs.argmax(1)
     out = {}
     for k, c in enumerate(classes_of(cfg)):

@@ -30,7 +30,7 @@ def test_gradcam_maps_have_the_patch_size_vary_and_depend_on_the_class(quick_dat
     cfg, weights, test = trained(quick_data, **{"model.name": model})
     images, ehr = test.images[:8], test.ehr[:8]
     predicted = learner.predict(cfg, weights, test.subset(np.arange(len(test)) < 8))[0].argmax(1)
-    net = explain.network(cfg, weights)
+    net = learner.network(cfg, weights).eval()
     maps = explain.gradcam(net, images, ehr, predicted.tolist())
     other = explain.gradcam(net, images, ehr, ((predicted + 1) % 3).tolist())
     assert maps.shape == (8, cfg.data.patch_size, cfg.data.patch_size)
