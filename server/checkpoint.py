@@ -23,32 +23,39 @@ from shared.cache import write_pickle
 FILE = "checkpoint.pkl"
 VERSION = 1
 # Attributes of fedfuse's strategy classes that are wiring, rebuilt from the config on resume, not state.
-WIRING = {"record", "site_names", "classes", "trained", "strategy"}
+WIRING = {"record", "site_names", "classes", "trained"}
 
 
 class _Nested(dict):
-    """The state of an attribute that cannot be pickled whole (Flower's accountant holds modules)."""
-
-
-def _state(obj) -> dict:
-    out = {}
-    for k, v in vars(obj).items():
-        if k in WIRING or isinstance(v, types.ModuleType):
-            continue
-        if k == "strategy":  # Flower's DP wrappers hold the strategy they wrap: its state, not the object
-            out[k] = _Nested(_state(v))
-            continue
-        try:
-            pickle.dumps(v)
-            out[k] = v
-        except (TypeError, pickle.PicklingError, AttributeError):
-            out[k] = _Nested(_state(v))
-    return out
+    """The state of an attribute kept as its own attributes (an inner strategy, Flower's accountant)."""
 
 
 def strategy_state(strategy) -> dict:
-    """The strategy's attributes, recursively (a DP wrapper's inner strategy, its accountant), less the wiring."""
-    return _state(strategy)
+    """The strategy's attributes, recursively (a DP wrapper's inner strategy, its accountant), less the wiring.
+
+    Arrays and plain containers are kept as they are; an object is kept whole if it pickles, else as its own
+    attributes (Flower's accountant holds modules beside its state). A DP wrapper's inner strategy is always
+    kept as its attributes, so its wiring is rebuilt rather than restored.
+    """
+    out = {}
+    for k, v in vars(strategy).items():
+        if k in WIRING or isinstance(v, types.ModuleType):
+            continue
+        if k == "strategy":
+            out[k] = _Nested(strategy_state(v))
+        elif hasattr(v, "__dict__") and not _pickles(v):
+            out[k] = _Nested(strategy_state(v))
+        else:
+            out[k] = v
+    return out
+
+
+def _pickles(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+    except (TypeError, pickle.PicklingError, AttributeError):
+        return False
+    return True
 
 
 def restore_strategy(strategy, state: dict) -> None:

@@ -81,11 +81,11 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
             site_of: Callable[[int], str]) -> list[Message]:
     """The round's training replies, one per site it was sent to, in site order; bad ones as error replies."""
     by_node = {m.metadata.src_node_id: m for m in replies}
+    sent_to = {m.metadata.dst_node_id: m for m in sent}
     ref = {k: v.numpy() for k, v in reference.items()}
     trees = cfg.federation.strategy in TREE_STRATEGIES
     out, distance = {}, {}
-    for msg in sent:
-        node = msg.metadata.dst_node_id
+    for node, msg in sent_to.items():
         reply = by_node.get(node)
         if reply is None:
             reply = Message(Error(TIMEOUT, f"timeout: no reply within {cfg.federation.round_timeout:g} s "
@@ -105,7 +105,7 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
                 out[node] = Message(Error(REJECTED, f"rejected update: distance {d:.4g} from the global model is "
                                                     f"above {cfg.federation.max_update_ratio:g} x the round's "
                                                     f"median ({bound:.4g}; federation.max_update_ratio)"),
-                                    reply_to=next(m for m in sent if m.metadata.dst_node_id == node))
+                                    reply_to=sent_to[node])
     return sorted(out.values(), key=lambda m: site_of(m.metadata.src_node_id))
 
 

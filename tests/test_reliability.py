@@ -183,6 +183,8 @@ def test_central_dp_accountant_survives_a_checkpoint(quick_data, tmp_path):
     metrics = federate(quick_data, tmp_path, {"federation.rounds": 2, "privacy.mode": "central",
                                               "privacy.epsilon": None, "privacy.noise_multiplier": 1.0})
     state = checkpoint.load(tmp_path / "run")
+    assert "fraction_train" in state["strategy"]["strategy"]  # the wrapped FedAvg's own state, as attributes
+    assert "record" not in state["strategy"]["strategy"]  # its wiring is rebuilt, not restored
     cfg = apply_overrides(load(CONFIG), {"privacy.mode": "central", "privacy.epsilon": None,
                                          "privacy.noise_multiplier": 1.0, "data.sites": 2})
     fresh = build_strategy(cfg, RunRecord(tmp_path, ("a",), {}), {1: "site-0", 2: "site-1"}, set())
