@@ -30,7 +30,7 @@ from shared.config import Config, classes_of, fault_at, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
 from shared.serde import flatten_metrics
-from simulations.partition import load_partition
+from simulations.partition import simulated_site
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
@@ -56,15 +56,8 @@ def _site(context: Context) -> Site:
         index = int(node.get("site-index", 0))
         name = str(node.get("site-name", folder.name))
         train, test = load_site(folder, cfg.data, cfg.seed + index, task)
-    elif cfg.data.partition == "natural":
-        # With a site left out, the SuperNodes map onto the remaining sites in order.
-        index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][int(node["partition-id"])]
-        name = f"site-{index}"
-        train, test = load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task)
     else:
-        index = int(node["partition-id"])
-        name = f"{cfg.data.partition}-{index}"
-        train, test = load_partition(Path(cfg.data.root), cfg.data, index, cfg.seed, task)
+        index, name, train, test = simulated_site(cfg, int(node["partition-id"]), task)
     if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
         train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
     return Site(cfg, index, name, train, test)

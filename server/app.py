@@ -145,7 +145,7 @@ def main(grid: Grid, context: Context) -> None:
                     "equal site weights, every site every round, no amplification by sampling)",
             "central": None,
         }
-    record = RunRecord(run_dir, classes, header)
+    record = RunRecord(run_dir, classes, header, cfg.logging.tensorboard)
     if resumed:
         record.data = resumed["record"]
         weights = resumed["arrays"]

@@ -24,14 +24,39 @@ def federated_mean(sites: dict[str, dict], classes: tuple[str, ...]) -> dict:
     return out
 
 
-class RunRecord:
-    """Collects per-round metrics and writes ``metrics.json`` after each round."""
+def scalars(entry: dict, classes: tuple[str, ...]) -> dict[str, float]:
+    """A round's numbers as TensorBoard tags: ``central/macro_auc``, ``site-0/auc_mitosis``, ``privacy/epsilon``..."""
+    out = {"train/loss": entry["train_loss"]} if "train_loss" in entry else {}
+    scored = {"central": entry.get("central"), "federated": entry.get("federated"), **entry.get("sites", {})}
+    for source, m in scored.items():
+        if m:
+            out.update({f"{source}/{k}": m[k] for k in ("macro_auc", "accuracy", "loss")})
+            out.update({f"{source}/auc_{c}": m["auc"][c] for c in classes})
+    spent = entry.get("privacy") or {}
+    if "epsilon" in spent:  # central DP: one epsilon for the run
+        out["privacy/epsilon"] = spent["epsilon"]
+    out.update({f"privacy/epsilon_{site}": e["epsilon"] for site, e in spent.items() if isinstance(e, dict)})
+    return out
 
-    def __init__(self, run_dir: Path, classes: tuple[str, ...], header: dict) -> None:
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("logging.tensorboard: true needs the tensorboard package: "
+                           "pip install -e '.[tensorboard]' (or set logging.tensorboard: false)") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+class RunRecord:
+    """Collects per-round metrics and writes ``metrics.json`` (and, optionally, TensorBoard scalars) each round."""
+
+    def __init__(self, run_dir: Path, classes: tuple[str, ...], header: dict, tensorboard: bool = False) -> None:
         self.path = run_dir / "metrics.json"
         self.classes = classes
         self.data: dict = {**header, "rounds": [], "final": None}
         self._pending: dict[int, dict] = {}
+        self._writer = _tensorboard(run_dir) if tensorboard else None
 
     def round(self, r: int) -> dict:
         return self._pending.setdefault(r, {"round": r})
@@ -42,6 +67,10 @@ class RunRecord:
         if entry.get("sites"):
             entry["federated"] = federated_mean(entry["sites"], self.classes)
         self.data["rounds"].append(entry)
+        if self._writer is not None:
+            for tag, value in scalars(entry, self.classes).items():
+                self._writer.add_scalar(tag, value, r)
+            self._writer.flush()
         shown = entry.get("central") or entry.get("federated")
         source = "central" if entry.get("central") else "federated"
         if shown:
@@ -67,6 +96,8 @@ class RunRecord:
         self.data["final"] = final
         self.data.update(extra)
         self.save()
+        if self._writer is not None:
+            self._writer.close()
         return final
 
     def save(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from shared.cache import cached_arrays, fingerprint
 from shared.config import BRECAHAD_KEYS
@@ -156,7 +157,9 @@ class Patches:
 
 def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str) -> dict[str, np.ndarray]:
     imgs, labels, cases, tiles, points_kept, dropped = [], [], [], [], [], 0
-    for tile in list_tiles(folder):
+    # A bar on a terminal only (disable=None): in logs and in Flower's worker processes, nothing.
+    for tile in tqdm(list_tiles(folder), desc=f"patches {folder.parent.name}", unit="tile", disable=None,
+                     leave=False):
         points = read_points(tile.truth)
         image = read_image(tile.image)
         for ci, cls in enumerate(classes):

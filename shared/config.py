@@ -140,6 +140,14 @@ class ReportConfig:
     """What a run explains at its end (shared/explain.py)."""
 
     shap_rows: int = 200  # test rows a site explains for federated SHAP (mean |SHAP| per feature); 0: none
+    pooled_reference: bool = True  # simulations: rank-correlate federated SHAP with a model trained on pooled data
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where per-round metrics go besides metrics.json and the printed table."""
+
+    tensorboard: bool = False  # also write them as TensorBoard scalars in <run>/tensorboard (the tensorboard extra)
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+from tqdm import tqdm
 
 from shared.config import (
     IMAGE_CLASSES,
@@ -22,6 +26,7 @@ from shared.config import (
     load,
     parse_assignments,
     run_name,
+    task_of,
 )
 from shared.errors import DataFormatError
 from simulations.deploy import DeployError
@@ -32,8 +37,7 @@ def _synth(args: argparse.Namespace) -> int:
     from simulations.synth import synth
 
     started = time.time()
-    counts = synth(Path(args.out), args.sites, args.seed, args.preset,
-                   progress=lambda name: print(f"generating {name} ...", flush=True))
+    counts = synth(Path(args.out), args.sites, args.seed, args.preset)
     for name, c in counts.items():
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "non_mitosis"))
     print(f"wrote {len(counts)} folders under {args.out} in {time.time() - started:.1f} s")
@@ -95,17 +99,25 @@ def _absolute(cfg: Config) -> Config:
 
 def _ensure_data(cfg: Config) -> None:
     """Generate ``data.root`` with ``data.preset`` if it is absent; check it has the sites the config needs."""
+    from shared.brecahad import load_patches
+    from shared.data import cache_dir_for
     from simulations.synth import synth
 
     root = Path(cfg.data.root)
     if not root.exists():
         print(f"no data at {root}: generating {cfg.data.sites} sites (preset {cfg.data.preset}, seed {cfg.seed})",
               flush=True)
-        synth(root, cfg.data.sites, cfg.seed, cfg.data.preset,
-              progress=lambda name: print(f"  generating {name} ...", flush=True))
+        synth(root, cfg.data.sites, cfg.seed, cfg.data.preset)
     missing = [f"site-{k}" for k in range(cfg.data.sites) if not (root / f"site-{k}").is_dir()]
     if missing and cfg.data.partition == "natural":
         raise DataFormatError(f"{root}: data.sites is {cfg.data.sites} but {', '.join(missing)} is missing")
+    # Extract (and cache) every folder's patches here, where a terminal shows the progress, rather than
+    # inside the first round, where it would count against federation.round_timeout.
+    holdout = eval_data_path(cfg)
+    folders = sorted(root.glob("site-*")) + ([holdout] if holdout and holdout.is_dir() else [])
+    for folder in folders if task_of(cfg) == "patch" else []:
+        load_patches(folder / "BreCaHAD", cfg.data.classes, cfg.data.patch_size, cfg.data.border,
+                     cache_dir_for(folder, cfg.data))
 
 
 def _paper(args: argparse.Namespace) -> int:
@@ -211,8 +223,9 @@ def _simulate(args: argparse.Namespace) -> int:
                       "resume": "true" if args.resume else ""}
         print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
               f"{cfg.federation.rounds} rounds -> {folder}" + (" (resumed)" if args.resume else ""), flush=True)
-        run_simulation(folder, run_config, cfg.data.sites - (cfg.data.leave_out is not None),
-                       cfg.simulation.cpus_per_site)
+        with tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=None) as bar:
+            run_simulation(folder, run_config, cfg.data.sites - (cfg.data.leave_out is not None),
+                           cfg.simulation.cpus_per_site, echo=partial(_echo_round, bar))
         finals[seed] = json.loads((folder / "metrics.json").read_text())["final"]
     if args.seeds:
         summary = seed_summary(finals)
@@ -236,9 +249,22 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _echo_round(bar: tqdm, line: str) -> None:
+    """Print an app's line above the rounds bar (a terminal only; in a log, just the line); advance it."""
+    bar.write(line)
+    done = re.match(r"round\s+(\d+)/", line)
+    if done:
+        bar.update(int(done.group(1)) - bar.n)
+
+
 def _report(run_dir: Path) -> Path:
     from simulations.report import build
 
+    cfg = load(run_dir / "config.yaml")
+    explained = json.loads((run_dir / "metrics.json").read_text()).get("importance")
+    if explained and cfg.report.pooled_reference and not (run_dir / "pooled_reference.json").is_file():
+        print("building the report; for its SHAP comparison, training the same model on the pooled data "
+              "(report.pooled_reference) ...", flush=True)
     return build(run_dir)
 
 

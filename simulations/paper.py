@@ -45,9 +45,10 @@ from shared.config import (
     to_dict,
     uses_resnet,
 )
-from shared.data import concat, ehr_statistics, load_site, pooled_moments
+from shared.data import concat, load_site
 from shared.evaluation import matrix_row
 from simulations.flower import federate
+from simulations.pooled import train_alone, with_steps
 
 MODES = ("pooled", "federated", "local")
 MODALITY = {"cnn": "image", "resnet18": "image", "mlp": "EHR", "xgboost": "EHR", "fusion": "image + EHR",
@@ -101,20 +102,6 @@ def _model_config(base: Config, model: str, seed: int) -> Config:
                                federation=dataclasses.replace(base.federation, strategy=strategy))
 
 
-def _with_steps(cfg: Config, steps: float) -> Config:
-    """``cfg`` whose local update is ``steps`` optimiser steps (trees for XGBoost), rounded, at least 1."""
-    steps = max(1, round(steps))
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
-                               model=dataclasses.replace(cfg.model, xgb_local_rounds=steps))
-
-
-def _train_alone(cfg: Config, train, steps: int, seed: int):
-    mean, std = pooled_moments([ehr_statistics(train.ehr)])
-    weights, _ = learner.initial_weights(cfg, mean, std)
-    weights, _ = learner.local_update(_with_steps(cfg, steps), weights, train, seed)
-    return weights
-
-
 def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
     """Train one (model, seed, mode) and return its evaluation-matrix rows."""
     task, classes = task_of(cfg), classes_of(cfg)
@@ -131,14 +118,14 @@ def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
 
     if mode == "pooled":
         train = concat([tr for tr, _ in splits.values()])
-        return {"pooled": row(_train_alone(cfg, train, budget, cfg.seed))}
+        return {"pooled": row(train_alone(cfg, train, budget, cfg.seed))}
     if mode == "local":
-        return {s: row(_train_alone(cfg, tr, budget / k, cfg.seed + i)) for i, (s, (tr, _)) in enumerate(splits.items())}
+        return {s: row(train_alone(cfg, tr, budget / k, cfg.seed + i)) for i, (s, (tr, _)) in enumerate(splits.items())}
     if cfg.model.name == "xgboost":  # bagging: each round adds one tree per site
         rounds, per_round = max(1, round(budget / k)), 1
     else:
         rounds, per_round = paper.rounds, budget / (paper.rounds * k)
-    fed = _with_steps(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds)),
+    fed = with_steps(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=rounds)),
                       per_round)
     run_dir = work / "run"
     federate(fed, run_dir, paper.engine)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import DataConfig
-from shared.data import Samples, load_pooled, split_by_case
+from shared.config import Config, DataConfig
+from shared.data import Samples, load_pooled, load_site, split_by_case
 
 SCHEMES = ("iid", "dirichlet", "quantity")  # natural needs no dealing: a site is a folder
 
@@ -92,3 +92,17 @@ def load_partition(
     groups = partition_cases(pooled.cases, pooled.labels, cfg.sites, cfg.partition, cfg.alpha, seed)
     mine = pooled.subset(np.isin(pooled.cases, groups[index]))
     return split_by_case(mine, cfg.test_fraction, seed + index)
+
+
+def simulated_site(cfg: Config, partition_id: int, task: str) -> tuple[int, str, Samples, Samples]:
+    """Simulated SuperNode ``partition_id``'s site: (index, name, train, test).
+
+    ``natural``: the ``site-<k>`` folders in order, skipping ``data.leave_out``;
+    otherwise the ``partition_id``-th group of cases re-dealt from them all.
+    """
+    if cfg.data.partition == "natural":
+        index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][partition_id]
+        name = f"site-{index}"
+        return index, name, *load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task)
+    train, test = load_partition(Path(cfg.data.root), cfg.data, partition_id, cfg.seed, task)
+    return partition_id, f"{cfg.data.partition}-{partition_id}", train, test

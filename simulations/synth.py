@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm import tqdm
 
 from shared.config import BRECAHAD_KEYS as POINT_KEYS
 from simulations.synth_ehr import Subject, write_hosp
@@ -90,6 +91,7 @@ def _write_site(
     preset: Preset,
     rng: np.random.Generator,
     id_base: int,
+    bar: tqdm,
 ) -> dict[str, int]:
     """Write one site (or the holdout): tiles, ground truth, EHR, linkage. Returns point counts."""
     img_dir = folder / "BreCaHAD" / "images"
@@ -109,6 +111,7 @@ def _write_site(
             name = f"Case_{c}-{i:02d}"
             Image.fromarray(image).save(img_dir / f"{name}.tif", format="TIFF")
             (gt_dir / f"{name}.json").write_text(json.dumps(points))
+            bar.update()
             for k in POINT_KEYS:
                 totals[k] += len(points[k])
     n_cases = len(images_per_case)
@@ -121,10 +124,10 @@ def _write_site(
     return totals
 
 
-def synth(out: Path, sites: int, seed: int, preset: str = "quick", progress=None) -> dict[str, dict[str, int]]:
+def synth(out: Path, sites: int, seed: int, preset: str = "quick") -> dict[str, dict[str, int]]:
     """Generate ``sites`` hospitals and a holdout under ``out``; returns point counts per folder.
 
-    ``progress``, if given, is called with the name of each folder as it is started.
+    On a terminal, a progress bar counts the tiles (none in a log).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -135,16 +138,13 @@ def synth(out: Path, sites: int, seed: int, preset: str = "quick", progress=None
     styles = [SiteStyle.sample(rng) for _ in range(sites)]
     grade_means = rng.normal(0.0, 0.5, sites)
     plans = _site_plan(p, sites, rng)
-    counts = {}
-    for k in range(sites):
-        name = f"site-{k}"
-        if progress:
-            progress(name)
-        counts[name] = _write_site(out / name, plans[k], [styles[k]], float(grade_means[k]), p,
-                                   np.random.default_rng([seed, k]), id_base=10_000_000 + 100_000 * k)
-    if progress:
-        progress("holdout")
     holdout_plan = [int(np.mean([n for plan in plans for n in plan]).round())] * p.holdout_cases
-    counts["holdout"] = _write_site(out / "holdout", holdout_plan, styles, 0.0, p,
-                                    np.random.default_rng([seed, 10_000]), id_base=19_000_000)
+    counts = {}
+    with tqdm(total=sum(map(sum, plans)) + sum(holdout_plan), desc="generating tiles", unit="tile",
+              disable=None) as bar:
+        for k in range(sites):
+            counts[f"site-{k}"] = _write_site(out / f"site-{k}", plans[k], [styles[k]], float(grade_means[k]), p,
+                                              np.random.default_rng([seed, k]), 10_000_000 + 100_000 * k, bar)
+        counts["holdout"] = _write_site(out / "holdout", holdout_plan, styles, 0.0, p,
+                                        np.random.default_rng([seed, 10_000]), 19_000_000, bar)
     return counts

@@ -1,11 +1,17 @@
 """report.html: every section shows its plot or says why it does not apply."""
 
+import json
 import re
 from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
 
 from simulations.cli import main
 from simulations.report import build
 from tests.test_reliability import federate
+
+FEDERATED_SHAP = "Federated SHAP (each site sends mean |SHAP| per feature and its row count)"
 
 
 def sections(page: str) -> dict[str, str]:
@@ -24,8 +30,39 @@ def test_report_of_a_fusion_run_with_a_central_test_set(quick_data, tmp_path, ca
         assert title in shown, (title, list(found))
     assert any(t.startswith("SHAP of the EHR features") for t in shown)
     assert "no privacy ledger" in found["Privacy: epsilon per round"]
-    assert "lab_" in found["Federated SHAP (per-site mean |SHAP| and row count, combined)"]
     assert 'src="http' not in page and "<script" not in page  # self-contained
+    # The rank correlation with the same model trained on the pooled data, as many steps as the sites took.
+    shap_section = found[FEDERATED_SHAP]
+    shown_rho = float(re.search(r"Spearman rank correlation <b>(-?[0-9.]+)</b>", shap_section).group(1))
+    reference = json.loads((tmp_path / "run" / "pooled_reference.json").read_text())
+    federated = json.loads((tmp_path / "run" / "metrics.json").read_text())["importance"]["mean_abs_shap"]
+    assert reference["steps"] == 2 * 2 * 2  # rounds x sites x train.steps
+    names = list(federated)
+    rho = spearmanr([federated[f] for f in names], [reference["mean_abs_shap"][f] for f in names]).statistic
+    assert abs(shown_rho - rho) < 5e-4 and -1 <= rho <= 1
+    assert reference["mean_abs_shap"] != federated  # a model of its own, not the federation's numbers again
+
+
+def test_report_says_why_without_every_sites_data(quick_data, tmp_path):
+    federate(quick_data, tmp_path, {"federation.rounds": 1, "model.name": "mlp", "report.shap_rows": 20})
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace(str(quick_data), str(tmp_path / "elsewhere")))
+    found = sections(build(tmp_path / "run").read_text())
+    assert "needs every site&#x27;s data on one machine" in found[FEDERATED_SHAP]
+    assert not (tmp_path / "run" / "pooled_reference.json").exists()
+
+
+def test_tensorboard_scalars_equal_metrics_json(quick_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = federate(quick_data, tmp_path, {"federation.rounds": 2, "logging.tensorboard": True})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    for tag, get in [("central/macro_auc", lambda r: r["central"]["macro_auc"]),
+                     ("site-1/auc_mitosis", lambda r: r["sites"]["site-1"]["auc"]["mitosis"]),
+                     ("train/loss", lambda r: r["train_loss"])]:
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in logged] == [1, 2], tag
+        assert np.allclose([v for _, v in logged], [get(r) for r in metrics["rounds"]], rtol=1e-6), tag
 
 
 def test_report_without_a_central_test_set_says_why(quick_data, tmp_path):
@@ -33,4 +70,4 @@ def test_report_without_a_central_test_set_says_why(quick_data, tmp_path):
     found = sections(build(tmp_path / "run").read_text())
     for title in ("ROC curves", "Grad-CAM", "SHAP"):
         assert "no central test set" in found[title]
-    assert found["Metrics per round"].startswith("<img") and "not computed" in found["Federated SHAP"]
+    assert found["Metrics per round"].startswith("<img") and "not computed" in found[FEDERATED_SHAP]
