@@ -11,7 +11,7 @@ log=$(mktemp)
 trap 'rm -rf "$profile" "$log"' EXIT
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
   --disable-component-update --disable-sync --user-data-dir="$profile" --hide-scrollbars \
-  --enable-logging=stderr --v=0 --window-size=1280,2600 --screenshot="$out" "file://$page" 2>"$log" >/dev/null
+  --enable-logging=stderr --v=0 --window-size=1280,6400 --screenshot="$out" "file://$page" 2>"$log" >/dev/null
 if grep -E "CONSOLE|Uncaught|Failed to load resource" "$log"; then
   echo "report.html: the page reported errors (above)" >&2
   exit 1
