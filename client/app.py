@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.wire import UNIFORM, from_record, to_record
+from client.wire import UNIFORM, compact, from_record, to_record
 from shared import explain, learner, privacy
 from shared.config import Config, classes_of, fault_at, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
@@ -168,7 +168,8 @@ def train(msg: Message, context: Context) -> Message:
                                           int(config["server-round"]), mu)
     except BudgetExhausted as declined:
         return Message(Error(code=BUDGET_EXHAUSTED, reason=str(declined)), reply_to=msg)
-    return Message(RecordDict({"arrays": to_record(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"arrays": to_record(compact(site.cfg, weights)), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from shared.config import Config
+
 UNIFORM = "uniform-weight"  # central DP: the reply weight, 1 for every site, as Flower's accountant requires
 
 
@@ -19,3 +21,29 @@ def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def compact(cfg: Config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a site uploads: every array, or only the trained ones (``federation.upload``), floats as
+    ``federation.upload_dtype``."""
+    from shared.learner import trained_names
+
+    if cfg.federation.upload == "trainable":
+        keep = trained_names(cfg)
+        weights = {k: v for k, v in weights.items() if k in keep}
+    if cfg.federation.upload_dtype == "float16":
+        weights = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in weights.items()}
+    return weights
+
+
+def expand(cfg: Config, reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The server's side of :func:`compact`: untrained arrays a site left out are the global model's it was sent,
+    float16 arrays go back to the global model's dtype. Anything else stays for the update check to judge."""
+    from shared.learner import trained_names
+
+    update = dict(update)
+    if cfg.federation.upload == "trainable":
+        trained = trained_names(cfg)
+        update.update({k: v for k, v in reference.items() if k not in update and k not in trained})
+    return {k: v.astype(reference[k].dtype) if v.dtype == np.float16 and k in reference else v
+            for k, v in update.items()}

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 
+from client.wire import expand, to_record
 from server.strategy import note_failures
 from shared.config import TREE_STRATEGIES, Config
 
@@ -84,6 +85,7 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
     sent_to = {m.metadata.dst_node_id: m for m in sent}
     ref = {k: v.numpy() for k, v in reference.items()}
     trees = cfg.federation.strategy in TREE_STRATEGIES
+    compacted = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32"
     out, distance = {}, {}
     for node, msg in sent_to.items():
         reply = by_node.get(node)
@@ -92,6 +94,9 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
                                            "(federation.round_timeout)"), reply_to=msg)
         elif not reply.has_error():
             update = _arrays(reply)
+            if update is not None and compacted:  # the strategy aggregates whole models at the global dtype
+                update = expand(cfg, ref, update)
+                reply.content[next(iter(reply.content.array_records))] = to_record(update)
             reason = check_update(ref, update, shapes=not trees)
             if reason is not None:
                 reply = Message(Error(REJECTED, f"rejected update: {reason}"), reply_to=msg)

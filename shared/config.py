@@ -103,6 +103,8 @@ class FederationConfig:
     round_timeout: float = 600.0  # seconds the server waits for a round's replies; a later one counts as failed
     # reject an update whose distance from the global model exceeds this multiple of the round's median (null: off)
     max_update_ratio: float | None = None
+    upload: str = "all"  # all | trainable: a site sends only trained weights (buffers stay the global model's)
+    upload_dtype: str = "float32"  # float32 | float16: a site's upload at half the bytes (the server upcasts)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_encoder": ("cnn", "resnet18"),
     "model.resnet_norm": ("group", "batch"),
     "train.class_weights": ("sqrt", "balanced", "none"),
+    "federation.upload": ("all", "trainable"),
+    "federation.upload_dtype": ("float32", "float16"),
     "privacy.mode": ("none", "local", "central"),
     "privacy.clipping": ("server", "client"),
     "privacy.unit": ("patch", "patient"),
@@ -342,6 +346,11 @@ def _check_secure_aggregation(cfg: Config) -> None:
 def _check_privacy(cfg: Config) -> None:
     """One noise setting; central DP: what Flower's accountant covers; local DP-SGD: per-sample gradients."""
     p = cfg.privacy
+    compact = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32"
+    if compact and (p.secure_aggregation or (p.mode == "central" and p.clipping == "client")):
+        raise ConfigError("federation.upload / upload_dtype: a compacted upload cannot be masked by "
+                          "privacy.secure_aggregation or clipped at the site (privacy.clipping: client), which "
+                          "work on the whole float32 model; set federation.upload: all, upload_dtype: float32")
     if p.secure_aggregation:
         _check_secure_aggregation(cfg)
     if p.mode == "none":

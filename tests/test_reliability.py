@@ -136,8 +136,10 @@ def test_a_killed_run_resumes_to_the_same_metrics(quick_data, tmp_path, capsys):
               "--set", "data.patch_size=32", "--set", "report.shap_rows=0"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert main(["simulate", CONFIG, "--out", str(straight), *common]) == 0
-    out = capsys.readouterr().out  # what `fedfuse simulate` prints and leaves behind
+    printed = capsys.readouterr()  # what `fedfuse simulate` prints and leaves behind
+    out = printed.out
     assert "round  4/4" in out and "final (central)" in out
+    assert "\r" not in out + printed.err and "round/s" not in printed.err  # not a terminal: a plain log, no bars
     metrics = json.loads((straight / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3, 4]
     assert all(set(r["sites"]) == {"site-0", "site-1"} for r in metrics["rounds"])
