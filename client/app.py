@@ -12,6 +12,7 @@ same code runs in simulation and at a hospital:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.wire import UNIFORM, compact, from_record, to_record
-from shared import explain, learner, privacy
+from client.wire import STAIN_REFERENCE, UNIFORM, compact, from_record, to_record
+from shared import explain, learner, privacy, stain
+from shared.brecahad import list_tiles, read_image
 from shared.config import Config, classes_of, fault_at, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
@@ -46,21 +48,38 @@ class Site:
     test: Samples
 
 
-def _site(context: Context) -> Site:
-    """This site's config, index, name and (train, test) split, for the configured model's task."""
+def _site(context: Context, msg: Message | None = None, raw_stain: bool = False) -> Site:
+    """This site's config, index, name and (train, test) split, for the configured model's task.
+
+    ``msg``: the server's message, whose config carries the federation's stain reference (if any);
+    ``raw_stain``: patches as scanned (the EHR statistics, asked before any reference exists, need no pixels).
+    """
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
+    if raw_stain:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stain_norm="none"))
     torch.set_num_threads(cfg.train.threads)
     node, task = context.node_config, task_of(cfg)
+    config = msg.content.config_records.get("config") if msg is not None else None
+    stain_reference = list(config[STAIN_REFERENCE]) if config is not None and STAIN_REFERENCE in config else None
     if "data-dir" in node:
         folder = Path(str(node["data-dir"]))
         index = int(node.get("site-index", 0))
         name = str(node.get("site-name", folder.name))
-        train, test = load_site(folder, cfg.data, cfg.seed + index, task)
+        train, test = load_site(folder, cfg.data, cfg.seed + index, task, stain_reference)
     else:
-        index, name, train, test = simulated_site(cfg, int(node["partition-id"]), task)
+        index, name, train, test = simulated_site(cfg, int(node["partition-id"]), task, stain_reference)
     if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
         train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
     return Site(cfg, index, name, train, test)
+
+
+def _images_folder(context: Context) -> Path:
+    """This site's BreCaHAD folder (federated stain statistics are computed from all its tiles)."""
+    cfg, node = from_run_config(dict(context.run_config), APP_ROOT), context.node_config
+    if "data-dir" in node:
+        return Path(str(node["data-dir"])) / "BreCaHAD"
+    index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][int(node["partition-id"])]
+    return Path(cfg.data.root) / f"site-{index}" / "BreCaHAD"
 
 
 def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
@@ -160,7 +179,7 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
-    site = _site(context)
+    site = _site(context, msg)
     config = msg.content["config"]
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by FedProx
     try:
@@ -175,7 +194,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's test split."""
-    site = _site(context)
+    site = _site(context, msg)
     classes = classes_of(site.cfg)
     probs, loss = learner.predict(site.cfg, from_record(msg.content["arrays"]), site.test)
     flat = flatten_metrics({**classification_metrics(site.test.labels, probs, classes), "loss": loss}, classes)
@@ -186,7 +205,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("ehr_stats")
 def ehr_stats(msg: Message, context: Context) -> Message:
     """Per-feature count, sum and sum of squares of the training EHR, and its size: summary statistics only."""
-    site = _site(context)
+    site = _site(context, raw_stain=True)
     stats = {k: v.tolist() for k, v in ehr_statistics(site.train.ehr).items()}
     return Message(RecordDict({"stats": MetricRecord(stats),
                                "site": ConfigRecord({"name": site.name, "examples": len(site.train)})}), reply_to=msg)
@@ -195,7 +214,16 @@ def ehr_stats(msg: Message, context: Context) -> Message:
 @app.query("shap")
 def shap_importance(msg: Message, context: Context) -> Message:
     """Mean |SHAP| per EHR feature over this site's explained test rows, and their count: aggregates only."""
-    site = _site(context)
+    site = _site(context, msg)
     rows = explain.explained_rows(site.test, site.cfg.report.shap_rows, site.cfg.seed + site.index)
     mean_abs, n = explain.importance(site.cfg, from_record(msg.content["arrays"]), rows)
     return Message(RecordDict({"shap": MetricRecord({"mean-abs": mean_abs.tolist(), "rows": n})}), reply_to=msg)
+
+
+@app.query("stain")
+def stain_statistics(msg: Message, context: Context) -> Message:
+    """The mean stain statistics of this site's tiles and how many: the federated reference's inputs, nothing else."""
+    cfg = from_run_config(dict(context.run_config), APP_ROOT)
+    images = (read_image(tile.image) for tile in list_tiles(_images_folder(context)))
+    mean, n = stain.site_statistics(cfg.data.stain_norm, images)
+    return Message(RecordDict({"stain": MetricRecord({"mean": mean.tolist(), "images": n})}), reply_to=msg)

@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord
 from shared.config import Config
 
 UNIFORM = "uniform-weight"  # central DP: the reply weight, 1 for every site, as Flower's accountant requires
+STAIN_REFERENCE = "stain-reference"  # in every message's config: the federation's stain statistics (shared/stain.py)
 
 
 def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:

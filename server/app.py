@@ -16,16 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from client.wire import from_record, to_record
+from client.wire import STAIN_REFERENCE, from_record, to_record
 from server import checkpoint, secagg
 from server.loop import TooFewSites, run_rounds
 from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy
-from shared import explain, learner
+from shared import explain, learner, stain
 from shared.config import Config, classes_of, dump, eval_data_path, focus_class, from_run_config, run_name, task_of
 from shared.data import load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
@@ -69,9 +69,11 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
     return names, stats
 
 
-def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord, cfg: Config) -> dict:
+def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord, cfg: Config,
+                          message_config: dict) -> dict:
     """Federated SHAP: each site's mean |SHAP| per feature and row count, combined by row count."""
-    messages = [Message(RecordDict({"arrays": arrays}), message_type="query.shap", dst_node_id=n) for n in names]
+    messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(message_config)}),
+                        message_type="query.shap", dst_node_id=n) for n in names]
     parts, rows = [], {}
     for reply in sorted(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout),
                         key=lambda m: names.get(m.metadata.src_node_id, "")):
@@ -92,6 +94,22 @@ def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord
             "class": focus_class(classes_of(cfg)), "rows": rows, "mean_abs_shap": dict(ranked)}
 
 
+def _federated_stain_reference(grid: Grid, names: dict[int, str], cfg: Config) -> tuple[list[float], dict[str, int]]:
+    """The federation's stain reference: each site's mean tile statistics, weighted by its tile count."""
+    messages = [Message(RecordDict(), message_type="query.stain", dst_node_id=n) for n in names]
+    parts, images = [], {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+        name = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        if reply.has_error():
+            print(f"[fedfuse] site {name} sent no stain statistics: {reply.error.reason}", flush=True)
+            continue
+        parts.append((np.asarray(reply.content["stain"]["mean"]), int(reply.content["stain"]["images"])))
+        images[name] = int(reply.content["stain"]["images"])
+    if not parts:
+        raise RuntimeError("data.stain_reference: federated, but no site sent stain statistics")
+    return stain.combine(parts).tolist(), dict(sorted(images.items()))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
@@ -106,19 +124,28 @@ def main(grid: Grid, context: Context) -> None:
 
     names, stats = _site_statistics(grid, cfg)
     weights, pretrained = learner.initial_weights(cfg, *pooled_moments(stats))
+    stain_header, message_config = None, {}
+    if cfg.data.stain_norm != "none":
+        sources = {}
+        if cfg.data.stain_reference == "federated":
+            message_config[STAIN_REFERENCE], sources = _federated_stain_reference(grid, names, cfg)
+        normaliser = stain.normaliser_for(cfg.data, message_config.get(STAIN_REFERENCE))
+        stain_header = {"method": cfg.data.stain_norm, "reference_from": cfg.data.stain_reference,
+                        "reference": normaliser.reference.tolist(), "images_per_site": sources}
 
     holdout, eval_path = None, eval_data_path(cfg)
     if eval_path is not None:
         if not eval_path.is_dir():
             raise FileNotFoundError(f"server.eval_data: {eval_path} not found; set server.eval_data: null for a "
                                     "server without a test set (final metrics are then the sites' mean)")
-        holdout = load_folder(eval_path, cfg.data, cfg.seed, task_of(cfg))
+        holdout = load_folder(eval_path, cfg.data, cfg.seed, task_of(cfg), message_config.get(STAIN_REFERENCE))
     header = {
         "name": cfg.name, "model": cfg.model.name, "task": task_of(cfg), "pairing": cfg.data.pairing,
         "classes": list(classes),
         "data_root": cfg.data.root, "sites": sorted(names.values()),
         "pretrained": pretrained or "none: weights initialised at random",
         "central_eval": str(eval_path) if holdout is not None else None,
+        **({"stain": stain_header} if stain_header else {}),
     }
     if cfg.data.pairing == "by_label" and task_of(cfg) == "patch":
         header["leakage"] = {
@@ -188,7 +215,7 @@ def main(grid: Grid, context: Context) -> None:
             secagg.start(grid, context, cfg, strategy, weights, trained, [s["examples"] for s in stats], evaluate)
         else:
             run_rounds(grid, strategy, latest["arrays"], cfg, resumed["round"] + 1 if resumed else 1,
-                       lambda node: names.get(node, str(node)), evaluate, end_of_round)
+                       lambda node: names.get(node, str(node)), evaluate, end_of_round, message_config)
     except (BudgetSpent, TooFewSites) as stop:
         print(f"[fedfuse] {stop}", flush=True)
         extra["stopped"] = str(stop)
@@ -198,7 +225,7 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[fedfuse] stopped: {extra['stopped']}", flush=True)
     # Per-site aggregates are what secure aggregation hides from the server: no federated SHAP with it.
     if cfg.report.shap_rows and explain.has_ehr_input(cfg) and not cfg.privacy.secure_aggregation:
-        record.data["importance"] = _federated_importance(grid, names, latest["arrays"], cfg)
+        record.data["importance"] = _federated_importance(grid, names, latest["arrays"], cfg, message_config)
     learner.save(cfg, from_record(latest["arrays"]), run_dir)
     final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())

@@ -115,11 +115,15 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
 
 
 def run_rounds(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, first: int, site_of: Callable[[int], str],
-               evaluate_fn: Callable[[int, ArrayRecord], None], end_of_round: Callable[[int, ArrayRecord], None]):
-    """Rounds ``first`` .. ``federation.rounds``; ``end_of_round`` follows the central evaluation (a checkpoint)."""
+               evaluate_fn: Callable[[int, ArrayRecord], None], end_of_round: Callable[[int, ArrayRecord], None],
+               message_config: dict | None = None):
+    """Rounds ``first`` .. ``federation.rounds``; ``end_of_round`` follows the central evaluation (a checkpoint).
+
+    ``message_config`` goes into every training and evaluation message's config (the stain reference).
+    """
     timeout = cfg.federation.round_timeout
     for server_round in range(first, cfg.federation.rounds + 1):
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(message_config or {}), grid))
         replies = checked(cfg, sent, list(grid.send_and_receive(sent, timeout=timeout)), arrays, site_of)
         usable = sum(not m.has_error() for m in replies)
         needed = min(cfg.federation.min_sites, len(sent))  # xgb_cyclic sends to one site a round
@@ -129,7 +133,7 @@ def run_rounds(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, first: in
             raise TooFewSites(server_round, usable, cfg.federation.min_sites)
         new, _ = strategy.aggregate_train(server_round, replies)
         arrays = new if new is not None else arrays  # central DP voids a round with a failed site
-        sent = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({}), grid))
+        sent = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(message_config or {}), grid))
         if sent:
             evaluated = grid.send_and_receive(sent, timeout=timeout)
             strategy.aggregate_evaluate(server_round, sorted(evaluated, key=lambda m: site_of(m.metadata.src_node_id)))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from shared.cache import cached_arrays, fingerprint
 from shared.config import BRECAHAD_KEYS
 from shared.errors import DataFormatError
+from shared.stain import Normaliser
 
 POINT_KEYS = BRECAHAD_KEYS  # the seven keys of a ground-truth file, in the data set's order
 NAME = re.compile(r"^Case_(\d+)-(\d+)$")
@@ -153,15 +154,21 @@ class Patches:
     tiles: np.ndarray  # (n,) str
     points: np.ndarray  # (n, 2) normalised (x, y) centre of each patch
     dropped_at_border: int
+    stain_skipped: int = 0  # tiles kept as they were: too little tissue to estimate their stains
 
 
-def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str) -> dict[str, np.ndarray]:
-    imgs, labels, cases, tiles, points_kept, dropped = [], [], [], [], [], 0
+def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str,
+            normalise: Normaliser | None) -> dict[str, np.ndarray]:
+    imgs, labels, cases, tiles, points_kept, dropped, skipped = [], [], [], [], [], 0, 0
     # A bar on a terminal only (disable=None): in logs and in Flower's worker processes, nothing.
     for tile in tqdm(list_tiles(folder), desc=f"patches {folder.parent.name}", unit="tile", disable=None,
                      leave=False):
         points = read_points(tile.truth)
         image = read_image(tile.image)
+        if normalise is not None:
+            normalised = normalise(image)
+            skipped += normalised is None
+            image = image if normalised is None else normalised
         for ci, cls in enumerate(classes):
             patches, kept = extract(image, points[cls], patch_size, border)
             dropped += int((~kept).sum())
@@ -177,23 +184,28 @@ def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str
         "tiles": np.array(tiles, dtype=str),
         "points": np.concatenate(points_kept) if points_kept else np.zeros((0, 2)),
         "dropped_at_border": np.array(dropped),
+        "stain_skipped": np.array(skipped),
     }
 
 
 def load_patches(
-    folder: Path, classes: tuple[str, ...], patch_size: int, border: str, cache_dir: Path | None
+    folder: Path, classes: tuple[str, ...], patch_size: int, border: str, cache_dir: Path | None,
+    normalise: Normaliser | None = None,
 ) -> Patches:
-    """All patches of the kept ``classes`` in ``folder``, through the on-disk cache."""
+    """All patches of the kept ``classes`` in ``folder``, through the on-disk cache; tiles stain-normalised first
+    with ``normalise`` (its method and reference are part of the cache key)."""
     for cls in classes:
         if cls not in POINT_KEYS:
             raise ValueError(f"data.classes: {cls!r} is not a BreCaHAD key; expected some of {', '.join(POINT_KEYS)}")
     folder = Path(folder)
     tiles = list_tiles(folder)
-    key = fingerprint("brecahad-v2", str(folder.resolve()), classes, patch_size, border,
+    stain = [(normalise.method, *np.round(normalise.reference, 6).tolist())] if normalise is not None else []
+    key = fingerprint("brecahad-v2", str(folder.resolve()), classes, patch_size, border, *stain,
                       *[p for t in tiles for p in (t.image, t.truth)])
-    arrays = cached_arrays(cache_dir, f"patches-{key}", lambda: _decode(folder, classes, patch_size, border))
+    arrays = cached_arrays(cache_dir, f"patches-{key}", lambda: _decode(folder, classes, patch_size, border,
+                                                                        normalise))
     return Patches(arrays["images"], arrays["labels"], arrays["cases"], arrays["tiles"], arrays["points"],
-                   int(arrays["dropped_at_border"]))
+                   int(arrays["dropped_at_border"]), int(arrays["stain_skipped"]))
 
 
 def inspect(folder: Path, classes: tuple[str, ...], patch_size: int, border: str) -> dict:

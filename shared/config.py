@@ -46,6 +46,8 @@ class DataConfig:
     pairing: str = "linked"  # linked: linkage.csv joins case and subject; by_label: pair by class
     label_map: dict[str, int] = field(default_factory=lambda: {"mitosis": 1, "tumor": 1, "non_tumor": 0})
     test_fraction: float = 0.3  # share of each site's cases held out for its test split
+    stain_norm: str = "none"  # none | reinhard | macenko: tiles mapped onto a reference stain before patches are cut
+    stain_reference: str = "shipped"  # shipped | federated | an RGB image (relative: inside data.root)
     cache_dir: str | None = None  # default: <data folder>/.fedfuse-cache
     positive: tuple[str, ...] = ("invasive", "in_situ")  # ICD groups that label an EHR row positive
 
@@ -81,6 +83,8 @@ class TrainConfig:
     weight_decay: float = 0.0001
     class_weights: str = "sqrt"  # sqrt (of inverse frequency) | balanced (inverse frequency) | none
     threads: int = 1  # torch threads per site process
+    flips: bool = True  # training patches: random 90-degree rotations and mirror flips (never at evaluation)
+    hed_jitter: float = 0.0  # training patches: HED stain jitter strength (0.05 light, 0.2 strong); 0: off
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.preset": ("quick", "brecahad"),
     "data.border": ("reflect", "drop"),
+    "data.stain_norm": ("none", "reinhard", "macenko"),
     "data.partition": ("natural", "iid", "dirichlet", "quantity"),
     "data.pairing": ("linked", "by_label"),
     "data.positive[]": ("invasive", "in_situ", "history", "family_history", "er_status"),
@@ -275,6 +280,7 @@ def _check(cfg: Config) -> Config:
         ("train.steps", t.steps >= 0, "0 or more"),
         ("train.lr", t.lr > 0, "positive"),
         ("train.threads", t.threads >= 1, "at least 1"),
+        ("train.hed_jitter", 0 <= t.hed_jitter < 1, "in [0, 1)"),
         ("federation.rounds", f.rounds >= 1, "at least 1"),
         ("federation.min_sites", 1 <= f.min_sites <= d.sites, f"between 1 and data.sites ({d.sites})"),
         ("federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]"),
@@ -312,6 +318,14 @@ def _check(cfg: Config) -> Config:
         for i, entry in enumerate(getattr(cfg.faults, kind)):
             if not re.fullmatch(r"\d+@\d+", entry):
                 raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND (e.g. 1@2: site 1 in round 2), got {entry!r}")
+    if cfg.data.stain_reference == "federated" and cfg.data.stain_norm != "none":
+        if cfg.data.partition != "natural":
+            raise ConfigError("data.stain_reference: federated: each site averages the statistics of its own folder "
+                              f"of tiles; with data.partition {cfg.data.partition!r} a site has no folder of its own "
+                              "(use natural, or stain_reference: shipped)")
+        if cfg.privacy.secure_aggregation:
+            raise ConfigError("data.stain_reference: federated is not available with privacy.secure_aggregation "
+                              "(Flower's SecAgg+ workflow carries no reference to the sites); use shipped")
     leave_out = cfg.data.leave_out
     if leave_out is not None and not 0 <= leave_out < cfg.data.sites:
         raise ConfigError(f"data.leave_out: expected a site index in 0..{cfg.data.sites - 1}, got {leave_out}")

@@ -27,6 +27,7 @@ from shared.brecahad import load_patches
 from shared.config import DataConfig
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, load_cohort, valid_ids
+from shared.stain import normaliser_for
 
 
 @dataclass(frozen=True)
@@ -105,15 +106,20 @@ def load_cohort_samples(folder: Path, cfg: DataConfig) -> Samples:
                    cohort["label"].to_numpy(np.int64), cohort["subject_id"].astype(str).to_numpy())
 
 
-def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch") -> Samples:
-    """Every sample of a hospital folder: patches with their paired EHR vector, or cohort rows (``task="ehr"``)."""
+def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch",
+                stain_reference: list[float] | None = None) -> Samples:
+    """Every sample of a hospital folder: patches with their paired EHR vector, or cohort rows (``task="ehr"``).
+
+    ``stain_reference``: the federation's, for ``data.stain_reference: federated`` (shared/stain.py).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataFormatError(f"{folder}: hospital data folder not found")
     if task == "ehr":
         return load_cohort_samples(folder, cfg)
     cache = cache_dir_for(folder, cfg)
-    patches = load_patches(folder / "BreCaHAD", cfg.classes, cfg.patch_size, cfg.border, cache)
+    patches = load_patches(folder / "BreCaHAD", cfg.classes, cfg.patch_size, cfg.border, cache,
+                           normaliser_for(cfg, stain_reference))
     cohort = load_cohort(folder / "mimic-iv", cfg.positive, cache).table
     features = cohort[list(FEATURES)].to_numpy(np.float32)
     row_of = pd.Series(np.arange(len(cohort)), index=cohort["subject_id"].to_numpy())
@@ -159,17 +165,20 @@ def split_by_case(samples: Samples, test_fraction: float, seed: int) -> tuple[Sa
     return samples.subset(~is_test), samples.subset(is_test)
 
 
-def load_site(folder: Path, cfg: DataConfig, seed: int, task: str = "patch") -> tuple[Samples, Samples]:
+def load_site(folder: Path, cfg: DataConfig, seed: int, task: str = "patch",
+              stain_reference: list[float] | None = None) -> tuple[Samples, Samples]:
     """A site's (train, test) samples."""
-    return split_by_case(load_folder(folder, cfg, seed, task), cfg.test_fraction, seed)
+    return split_by_case(load_folder(folder, cfg, seed, task, stain_reference), cfg.test_fraction, seed)
 
 
-def load_pooled(root: Path, cfg: DataConfig, seed: int, task: str = "patch") -> Samples:
+def load_pooled(root: Path, cfg: DataConfig, seed: int, task: str = "patch",
+                stain_reference: list[float] | None = None) -> Samples:
     """Every ``site-<k>`` folder under ``root`` in one set; cases named ``site-<k>/Case_<c>`` stay distinct."""
     folders = sorted(Path(root).glob("site-*"), key=lambda p: (len(p.name), p.name))
     if not folders:
         raise DataFormatError(f"{root}: no site-<k> folders to pool")
-    return concat([load_folder(folder, cfg, seed + k, task).prefixed(folder.name) for k, folder in enumerate(folders)])
+    return concat([load_folder(folder, cfg, seed + k, task, stain_reference).prefixed(folder.name)
+                   for k, folder in enumerate(folders)])
 
 
 def ehr_statistics(ehr: np.ndarray) -> dict[str, np.ndarray]:

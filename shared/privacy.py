@@ -234,7 +234,7 @@ def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, se
             opt.zero_grad(set_to_none=True)
             if picks:
                 idx = np.concatenate(picks)
-                images, ehr, labels = _batch(samples, idx, True, gen)
+                images, ehr, labels = _batch(samples, idx, train, gen)
                 loss = gsm._module.loss(images, ehr, labels, loss_fn)
                 loss.backward()
                 total += float(loss.detach())

@@ -35,9 +35,29 @@ def image_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _batch(samples: Samples, idx: np.ndarray, augment: bool, gen: torch.Generator | None):
-    images = image_tensor(samples.images[idx])
-    if augment:  # dihedral symmetries: a patch has no up or left
+def hed_jitter(images: np.ndarray, strength: float, gen: torch.Generator) -> np.ndarray:
+    """Stain augmentation in HED space (Tellez et al., 2018): each patch's haematoxylin, eosin and DAB
+    densities scaled by ``U(1 - s, 1 + s)`` and shifted by ``U(-s, s)`` times the patch's own mean density.
+
+    A shift relative to the patch keeps ``s`` meaningful whatever the unit of the densities; uint8 in, uint8 out.
+    """
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(images, channel_axis=-1)  # (B, P, P, 3) stain densities
+    shape = (len(images), 1, 1, 3)
+    scale = 1.0 + strength * (2 * torch.rand(shape, generator=gen, dtype=torch.float64).numpy() - 1)
+    shift = strength * (2 * torch.rand(shape, generator=gen, dtype=torch.float64).numpy() - 1)
+    hed = hed * scale + shift * hed.mean(axis=(1, 2), keepdims=True)
+    return (np.clip(hed2rgb(hed, channel_axis=-1), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _batch(samples: Samples, idx: np.ndarray, augment: TrainConfig | None, gen: torch.Generator | None):
+    """A batch as tensors; ``augment``: the training settings whose augmentations apply (None: evaluation)."""
+    raw = samples.images[idx]
+    if augment is not None and augment.hed_jitter > 0 and raw.size:
+        raw = hed_jitter(raw, augment.hed_jitter, gen)
+    images = image_tensor(raw)
+    if augment is not None and augment.flips:  # dihedral symmetries: a patch has no up or left
         k = int(torch.randint(0, 4, (1,), generator=gen))
         images = torch.rot90(images, k, dims=(2, 3))
         if torch.rand(1, generator=gen) < 0.5:
@@ -70,7 +90,7 @@ def train_epochs(
                 break
             steps += 1
             idx = order[start : start + cfg.batch_size]
-            images, ehr, labels = _batch(samples, idx, True, gen)
+            images, ehr, labels = _batch(samples, idx, cfg, gen)
             loss = model.loss(images, ehr, labels, loss_fn)
             total += loss.item() * len(idx)
             count += len(idx)
@@ -89,7 +109,7 @@ def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[
     probs, loss = [], 0.0
     for start in range(0, len(samples), batch_size):
         idx = np.arange(start, min(start + batch_size, len(samples)))
-        images, ehr, labels = _batch(samples, idx, False, None)
+        images, ehr, labels = _batch(samples, idx, None, None)
         logits = model(images, ehr)
         loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         probs.append(torch.softmax(logits, 1).numpy())

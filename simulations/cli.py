@@ -101,6 +101,7 @@ def _ensure_data(cfg: Config) -> None:
     """Generate ``data.root`` with ``data.preset`` if it is absent; check it has the sites the config needs."""
     from shared.brecahad import load_patches
     from shared.data import cache_dir_for
+    from shared.stain import normaliser_for
     from simulations.synth import synth
 
     root = Path(cfg.data.root)
@@ -115,9 +116,10 @@ def _ensure_data(cfg: Config) -> None:
     # inside the first round, where it would count against federation.round_timeout.
     holdout = eval_data_path(cfg)
     folders = sorted(root.glob("site-*")) + ([holdout] if holdout and holdout.is_dir() else [])
-    for folder in folders if task_of(cfg) == "patch" else []:
+    federated_stain = cfg.data.stain_norm != "none" and cfg.data.stain_reference == "federated"  # known at run time
+    for folder in folders if task_of(cfg) == "patch" and not federated_stain else []:
         load_patches(folder / "BreCaHAD", cfg.data.classes, cfg.data.patch_size, cfg.data.border,
-                     cache_dir_for(folder, cfg.data))
+                     cache_dir_for(folder, cfg.data), normaliser_for(cfg.data))
 
 
 def _paper(args: argparse.Namespace) -> int:

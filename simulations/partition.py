@@ -84,18 +84,19 @@ def _repair(groups: list[np.ndarray], names: np.ndarray, rng: np.random.Generato
 
 
 def load_partition(
-    root: Path, cfg: DataConfig, index: int, seed: int, task: str = "patch"
+    root: Path, cfg: DataConfig, index: int, seed: int, task: str = "patch", stain_reference: list[float] | None = None
 ) -> tuple[Samples, Samples]:
     """Simulated site ``index`` of ``cfg.partition`` over the pooled cases under ``root``: (train, test)."""
-    pooled = load_pooled(root, cfg, seed, task)
+    pooled = load_pooled(root, cfg, seed, task, stain_reference)
     # The partition must be the same at every site: it is seeded by the run's seed alone.
     groups = partition_cases(pooled.cases, pooled.labels, cfg.sites, cfg.partition, cfg.alpha, seed)
     mine = pooled.subset(np.isin(pooled.cases, groups[index]))
     return split_by_case(mine, cfg.test_fraction, seed + index)
 
 
-def simulated_site(cfg: Config, partition_id: int, task: str) -> tuple[int, str, Samples, Samples]:
-    """Simulated SuperNode ``partition_id``'s site: (index, name, train, test).
+def simulated_site(cfg: Config, partition_id: int, task: str,
+                   stain_reference: list[float] | None = None) -> tuple[int, str, Samples, Samples]:
+    """Simulated SuperNode ``partition_id``'s site: (index, name, train, test); ``stain_reference`` as in load_site.
 
     ``natural``: the ``site-<k>`` folders in order, skipping ``data.leave_out``;
     otherwise the ``partition_id``-th group of cases re-dealt from them all.
@@ -103,6 +104,6 @@ def simulated_site(cfg: Config, partition_id: int, task: str) -> tuple[int, str,
     if cfg.data.partition == "natural":
         index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][partition_id]
         name = f"site-{index}"
-        return index, name, *load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task)
-    train, test = load_partition(Path(cfg.data.root), cfg.data, partition_id, cfg.seed, task)
+        return index, name, *load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task, stain_reference)
+    train, test = load_partition(Path(cfg.data.root), cfg.data, partition_id, cfg.seed, task, stain_reference)
     return partition_id, f"{cfg.data.partition}-{partition_id}", train, test

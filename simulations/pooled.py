@@ -91,7 +91,7 @@ def importance_reference(cfg: Config, run_dir: Path, metrics: dict) -> dict:
     n_sites = cfg.data.sites - (cfg.data.leave_out is not None)
     trains, rows = [], []
     for pid in range(n_sites):
-        index, _, train, test = simulated_site(cfg, pid, task)
+        index, _, train, test = simulated_site(cfg, pid, task, metrics.get("stain", {}).get("reference"))
         if cfg.privacy.audit_fraction > 0:  # as the site trained: without its audit's non-members
             train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
         trains.append(train)

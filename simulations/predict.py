@@ -9,6 +9,7 @@ subject with the probability of breast cancer.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from shared import learner
 from shared.brecahad import load_patches
 from shared.config import classes_of, load, task_of
 from shared.data import cache_dir_for, load_folder
+from shared.stain import normaliser_for
 
 
 def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path | None]:
@@ -28,7 +30,10 @@ def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path |
                                 "wrote, holding config.yaml and model.pt or model.json")
     cfg = load(run_dir / "config.yaml")
     classes, task = classes_of(cfg), task_of(cfg)
-    samples = load_folder(folder, cfg.data, cfg.seed, task)
+    # The stain reference the run trained with (the federation's, for data.stain_reference: federated).
+    metrics = run_dir / "metrics.json"
+    stain_reference = json.loads(metrics.read_text()).get("stain", {}).get("reference") if metrics.is_file() else None
+    samples = load_folder(folder, cfg.data, cfg.seed, task, stain_reference)
     probs, _ = learner.predict(cfg, learner.load(cfg, run_dir), samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({f"p_{c}": probs[:, i] for i, c in enumerate(classes)})
@@ -40,7 +45,7 @@ def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path |
         return out, None
     # Same settings, same cache entry: the patches in the order load_folder used.
     patches = load_patches(folder / "BreCaHAD", cfg.data.classes, cfg.data.patch_size, cfg.data.border,
-                           cache_dir_for(folder, cfg.data))
+                           cache_dir_for(folder, cfg.data), normaliser_for(cfg.data, stain_reference))
     table.insert(0, "annotated", np.array(classes)[patches.labels])
     table.insert(0, "y", patches.points[:, 1])
     table.insert(0, "x", patches.points[:, 0])

@@ -237,7 +237,7 @@ def build(run_dir: Path) -> Path:
     why = ("no central test set (server.eval_data: null): ROC curves, Grad-CAM and SHAP plots need rows, and the "
            "sites keep theirs") if holdout is None or not Path(holdout).is_dir() else "no final model in the run folder"
     if weights is not None and holdout is not None and Path(holdout).is_dir():
-        data = load_folder(Path(holdout), cfg.data, cfg.seed, task_of(cfg))
+        data = load_folder(Path(holdout), cfg.data, cfg.seed, task_of(cfg), metrics.get("stain", {}).get("reference"))
         probs, _ = learner.predict(cfg, weights, data)
         image("ROC curves", _roc(data.labels, probs, classes), "")
         if task_of(cfg) == "patch" and cfg.model.name != "mlp":

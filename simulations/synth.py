@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from shared.config import BRECAHAD_KEYS as POINT_KEYS
 from simulations.synth_ehr import Subject, write_hosp
-from simulations.synth_images import SiteStyle, TileSpec, render_tile
+from simulations.synth_images import STAIN_E, STAIN_H, SiteStyle, TileSpec, render_tile
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,21 @@ def synth(out: Path, sites: int, seed: int, preset: str = "quick") -> dict[str, 
         counts["holdout"] = _write_site(out / "holdout", holdout_plan, styles, 0.0, p,
                                         np.random.default_rng([seed, 10_000]), 19_000_000, bar)
     return counts
+
+
+def write_stain_reference(path: Path | None = None) -> Path:
+    """Remake ``shared/assets/stain_reference.png``: data.stain_reference ``shipped``'s image.
+
+    A 256 x 256 tile rendered with the textbook Ruifrok-Johnston H and E vectors at unit
+    intensity, mild blur and noise, grade 0, seed 0: the appearance stain normalisation maps onto.
+    """
+    from shared.stain import SHIPPED
+
+    path = Path(path or SHIPPED)
+    style = SiteStyle(tuple(STAIN_H / np.linalg.norm(STAIN_H)), tuple(STAIN_E / np.linalg.norm(STAIN_E)),
+                      h_scale=1.0, e_scale=1.0, blur_sigma=0.8, noise_std=3.0)
+    spec = TileSpec(256, 256, n_tumor=14, n_non_tumor=5, n_mitosis=1, n_apoptosis=0.5, n_lumen=0.5, n_non_lumen=0.5)
+    image, _ = render_tile(np.random.default_rng(0), spec, style, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="PNG")
+    return path

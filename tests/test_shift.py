@@ -1,0 +1,59 @@
+"""Site shift remedies: stain normalisation (fixed and federated reference), stain augmentation, FedBN."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from shared import learner, stain
+from shared.brecahad import list_tiles, read_image
+from shared.config import apply_overrides, load
+from shared.data import load_folder
+from shared.train import _batch
+from tests.test_reliability import CONFIG, federate
+
+
+@pytest.mark.parametrize("method", ["reinhard", "macenko"])
+def test_normalisation_moves_a_tiles_stain_statistics_toward_the_reference(quick_data, method):
+    """Measured on the normalised tile: its colour statistics (Reinhard's LAB means and spreads, Macenko's
+    stain vectors) come at least halfway to the reference's, and all its statistics come closer."""
+    reference = stain.reference_from_image(method, stain.SHIPPED)
+    normalise = stain.Normaliser(method, reference)
+    colour = slice(0, 6)  # reinhard: all six; macenko: the H and E vectors (the rest: concentration percentiles)
+    for site in ("site-0", "site-1"):  # two hospitals, two stain styles
+        tile = read_image(list_tiles(quick_data / site / "BreCaHAD")[0].image)
+        before, after = stain.statistics(method, tile) - reference, stain.statistics(method, normalise(tile)) - reference
+        assert np.linalg.norm(after[colour]) < 0.5 * np.linalg.norm(before[colour]), (site, before, after)
+        assert np.linalg.norm(after) < np.linalg.norm(before), (site, before, after)
+
+
+def test_the_federated_reference_is_the_sites_average_and_reaches_every_patch(quick_data, tmp_path):
+    metrics = federate(quick_data, tmp_path, {"federation.rounds": 1, "data.stain_norm": "macenko",
+                                              "data.stain_reference": "federated"})
+    parts = [stain.site_statistics("macenko", (read_image(t.image) for t in list_tiles(quick_data / s / "BreCaHAD")))
+             for s in ("site-0", "site-1")]
+    assert metrics["stain"]["images_per_site"] == {"site-0": parts[0][1], "site-1": parts[1][1]}
+    expected = (parts[0][0] * parts[0][1] + parts[1][0] * parts[1][1]) / (parts[0][1] + parts[1][1])
+    np.testing.assert_allclose(metrics["stain"]["reference"], expected, rtol=1e-12)
+    # The holdout the server scored was normalised with that reference: its patches differ from the raw ones.
+    cfg = apply_overrides(load(CONFIG), {"data.stain_norm": "macenko", "data.stain_reference": "federated",
+                                         "data.patch_size": 32})
+    raw = load_folder(quick_data / "holdout", dataclasses.replace(cfg.data, stain_norm="none"))
+    normalised = load_folder(quick_data / "holdout", cfg.data, 0, "patch", metrics["stain"]["reference"])
+    assert raw.images.shape == normalised.images.shape and np.abs(raw.images.astype(int) - normalised.images).mean() > 1
+
+
+def test_augmentation_changes_training_batches_but_never_evaluation(quick_data):
+    cfg = apply_overrides(load(CONFIG), {"data.patch_size": 32, "model.name": "cnn", "train.hed_jitter": 0.2})
+    samples = load_folder(quick_data / "site-0", cfg.data)
+    idx = np.arange(16)
+    plain, _, _ = _batch(samples, idx, None, None)
+    augmented, _, _ = _batch(samples, idx, cfg.train, torch.Generator().manual_seed(0))
+    assert (augmented - plain).abs().mean() > 0.01  # training sees jittered, rotated patches
+    weights, _ = learner.initial_weights(cfg, np.zeros(27), np.ones(27))
+    first, _ = learner.predict(cfg, weights, samples)
+    second, _ = learner.predict(cfg, weights, samples)
+    off = apply_overrides(cfg, {"train.hed_jitter": 0.0, "train.flips": False})
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, learner.predict(off, weights, samples)[0])
