@@ -36,6 +36,7 @@ from simulations.partition import simulated_site
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
+FEDBN_STATE = "fedbn-local-batch-norm"  # context.state: this site's BatchNorm layers under FedBN
 HANG_MARGIN_S = 2.0  # faults.hang: how long past federation.round_timeout the site takes
 
 
@@ -104,6 +105,13 @@ def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
     return privacy.Ledger(folder, site.train, p, site.name), budget
 
 
+def _with_local_bn(site: Site, context: Context, weights: dict) -> tuple[dict, bool]:
+    """FedBN: the global ``weights`` with this site's own BatchNorm layers, if it has trained; and whether it has."""
+    if not site.cfg.federation.fedbn or FEDBN_STATE not in context.state.array_records:
+        return weights, False
+    return {**weights, **from_record(context.state[FEDBN_STATE])}, True
+
+
 def _uniform(site: Site) -> dict[str, float]:
     """Central DP aggregates with equal site weights (what its accountant assumes): the weight it reads."""
     return {UNIFORM: 1.0} if site.cfg.privacy.mode == "central" else {}
@@ -167,7 +175,10 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
             raise BudgetExhausted(f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its "
                                   f"budget {budget:.4g}; round {server_round} would bring it to {after:.4g} "
                                   f"({ledger.path})")
+    weights, _ = _with_local_bn(site, context, weights)
     weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp)
+    if site.cfg.federation.fedbn:  # kept for this site's next round and evaluations; never sent (client/wire.py)
+        context.state[FEDBN_STATE] = to_record({k: weights[k] for k in learner.bn_names(site.cfg)})
     if ledger is not None:
         eps = ledger.spend(dp.entry, str(context.run_id), server_round)
     if fault == "nan":
@@ -196,7 +207,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's test split."""
     site = _site(context, msg)
     classes = classes_of(site.cfg)
-    probs, loss = learner.predict(site.cfg, from_record(msg.content["arrays"]), site.test)
+    weights, own = _with_local_bn(site, context, from_record(msg.content["arrays"]))
+    # FedBN: a site with statistics of its own uses them; one that never trained estimates them on its patches
+    probs, loss = learner.predict(site.cfg, weights, site.test, adapt=False if own else None)
     flat = flatten_metrics({**classification_metrics(site.test.labels, probs, classes), "loss": loss}, classes)
     metrics = MetricRecord({**flat, "site-index": site.index, "num-examples": len(site.test), **_uniform(site)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -216,7 +229,8 @@ def shap_importance(msg: Message, context: Context) -> Message:
     """Mean |SHAP| per EHR feature over this site's explained test rows, and their count: aggregates only."""
     site = _site(context, msg)
     rows = explain.explained_rows(site.test, site.cfg.report.shap_rows, site.cfg.seed + site.index)
-    mean_abs, n = explain.importance(site.cfg, from_record(msg.content["arrays"]), rows)
+    mean_abs, n = explain.importance(site.cfg, _with_local_bn(site, context, from_record(msg.content["arrays"]))[0],
+                                     rows)
     return Message(RecordDict({"shap": MetricRecord({"mean-abs": mean_abs.tolist(), "rows": n})}), reply_to=msg)
 
 

@@ -25,26 +25,33 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def compact(cfg: Config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What a site uploads: every array, or only the trained ones (``federation.upload``), floats as
-    ``federation.upload_dtype``."""
-    from shared.learner import trained_names
+    """What a site uploads: every array, or only the trained ones (``federation.upload``), never its BatchNorm
+    layers under FedBN, floats as ``federation.upload_dtype``."""
+    from shared.learner import bn_names, trained_names
 
     if cfg.federation.upload == "trainable":
         keep = trained_names(cfg)
         weights = {k: v for k, v in weights.items() if k in keep}
+    if cfg.federation.fedbn:
+        local = bn_names(cfg)
+        weights = {k: v for k, v in weights.items() if k not in local}
     if cfg.federation.upload_dtype == "float16":
         weights = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in weights.items()}
     return weights
 
 
 def expand(cfg: Config, reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The server's side of :func:`compact`: untrained arrays a site left out are the global model's it was sent,
-    float16 arrays go back to the global model's dtype. Anything else stays for the update check to judge."""
-    from shared.learner import trained_names
+    """The server's side of :func:`compact`: untrained arrays (and, under FedBN, BatchNorm layers) a site left out
+    are the global model's it was sent, float16 arrays go back to the global model's dtype. Anything else stays
+    for the update check to judge."""
+    from shared.learner import bn_names, trained_names
 
     update = dict(update)
+    kept_by_server = set()
     if cfg.federation.upload == "trainable":
-        trained = trained_names(cfg)
-        update.update({k: v for k, v in reference.items() if k not in update and k not in trained})
+        kept_by_server |= set(reference) - trained_names(cfg)
+    if cfg.federation.fedbn:
+        kept_by_server |= bn_names(cfg)
+    update.update({k: v for k, v in reference.items() if k not in update and k in kept_by_server})
     return {k: v.astype(reference[k].dtype) if v.dtype == np.float16 and k in reference else v
             for k, v in update.items()}

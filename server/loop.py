@@ -85,7 +85,7 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
     sent_to = {m.metadata.dst_node_id: m for m in sent}
     ref = {k: v.numpy() for k, v in reference.items()}
     trees = cfg.federation.strategy in TREE_STRATEGIES
-    compacted = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32"
+    compacted = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32" or cfg.federation.fedbn
     out, distance = {}, {}
     for node, msg in sent_to.items():
         reply = by_node.get(node)

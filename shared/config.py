@@ -59,6 +59,7 @@ class ModelConfig:
     name: str = "fusion"  # patch task: fusion | late_fusion | cnn | resnet18; EHR task: mlp | xgboost
     image_encoder: str = "cnn"  # fusion / late_fusion: cnn | resnet18
     resnet_norm: str = "group"  # resnet18: group (GroupNorm, out-of-place blocks; Opacus-ready) | batch
+    cnn_norm: str = "group"  # cnn: group (GroupNorm; Opacus-ready) | batch (BatchNorm statistics, what FedBN keeps local)
     small_stem: bool = False  # resnet18: drop the stem's max-pool (finer maps on 64 px patches, 3x slower)
     pretrained: str | None = None  # resnet18: local state-dict file, e.g. torchvision's ImageNet weights
     freeze: bool = False  # resnet18: train only its projection (and the heads)
@@ -109,6 +110,7 @@ class FederationConfig:
     max_update_ratio: float | None = None
     upload: str = "all"  # all | trainable: a site sends only trained weights (buffers stay the global model's)
     upload_dtype: str = "float32"  # float32 | float16: a site's upload at half the bytes (the server upcasts)
+    fedbn: bool = False  # FedBN: BatchNorm layers stay at each site, never sent nor averaged (needs a batch norm)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp", "xgboost"),
     "model.image_encoder": ("cnn", "resnet18"),
     "model.resnet_norm": ("group", "batch"),
+    "model.cnn_norm": ("group", "batch"),
     "train.class_weights": ("sqrt", "balanced", "none"),
     "federation.upload": ("all", "trainable"),
     "federation.upload_dtype": ("float32", "float16"),
@@ -220,6 +223,12 @@ TASKS = {"fusion": "patch", "late_fusion": "patch", "cnn": "patch", "resnet18": 
          "xgboost": "ehr"}
 EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
 TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
+
+
+def has_batch_norm(model: ModelConfig) -> bool:
+    """Whether the model's image encoder normalises with BatchNorm (what FedBN keeps local)."""
+    encoder = model.image_encoder if model.name in ("fusion", "late_fusion") else model.name
+    return (encoder == "cnn" and model.cnn_norm == "batch") or (encoder == "resnet18" and model.resnet_norm == "batch")
 
 
 def uses_resnet(model: ModelConfig) -> bool:
@@ -318,6 +327,13 @@ def _check(cfg: Config) -> Config:
         for i, entry in enumerate(getattr(cfg.faults, kind)):
             if not re.fullmatch(r"\d+@\d+", entry):
                 raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND (e.g. 1@2: site 1 in round 2), got {entry!r}")
+    if cfg.federation.fedbn and not has_batch_norm(cfg.model):
+        raise ConfigError(f"federation.fedbn keeps BatchNorm layers local, and model {cfg.model.name!r} has none: set "
+                          "model.cnn_norm: batch (or model.resnet_norm: batch for resnet18). GroupNorm, which "
+                          "local DP (privacy.mode: local) needs, keeps no statistics to keep local")
+    if cfg.federation.fedbn and cfg.privacy.secure_aggregation:
+        raise ConfigError("federation.fedbn: not with privacy.secure_aggregation, whose SecAgg+ rounds send the whole "
+                          "model (and BatchNorm statistics are not weights within its clipping range)")
     if cfg.data.stain_reference == "federated" and cfg.data.stain_norm != "none":
         if cfg.data.partition != "natural":
             raise ConfigError("data.stain_reference: federated: each site averages the statistics of its own folder "
@@ -346,9 +362,9 @@ def _check_secure_aggregation(cfg: Config) -> None:
     if cfg.privacy.mode == "central":
         raise ConfigError("privacy.secure_aggregation: cannot be combined with privacy.mode: central, which clips and "
                           "noises each site's update at the server (SecAgg+ hides them); privacy.mode: local can be")
-    if uses_resnet(cfg.model) and cfg.model.resnet_norm == "batch":
+    if has_batch_norm(cfg.model):
         raise ConfigError("privacy.secure_aggregation: BatchNorm's running statistics and step counter are not "
-                          "trained weights within the clipping range; set model.resnet_norm: group")
+                          "trained weights within the clipping range; set model.resnet_norm / model.cnn_norm: group")
     if f.min_sites < 2:
         raise ConfigError("privacy.secure_aggregation: needs federation.min_sites of at least 2 (a sum over one site "
                           "is that site's update)")
@@ -387,9 +403,11 @@ def _check_privacy(cfg: Config) -> None:
             raise ConfigError("privacy.mode: central needs noise: a positive privacy.noise_multiplier or a finite "
                               "privacy.epsilon (privacy.mode: none trains without)")
         return
-    if uses_resnet(cfg.model) and cfg.model.resnet_norm == "batch":
+    if has_batch_norm(cfg.model):
         raise ConfigError("privacy.mode: local cannot train BatchNorm (its statistics mix the samples a step clips "
-                          "one by one); set model.resnet_norm: group, the Opacus-ready ResNet-18")
+                          "one by one); set model.resnet_norm / model.cnn_norm: group, the Opacus-ready layers"
+                          + (". So FedBN (federation.fedbn), which needs BatchNorm, does not combine with local DP"
+                             if cfg.federation.fedbn else ""))
     if cfg.federation.strategy == "fedprox":
         raise ConfigError("privacy.mode: local does not take FedProx's proximal term (it is not clipped per sample); "
                           "choose another federation.strategy")

@@ -20,8 +20,8 @@ from shared.metrics import log_loss
 from shared.mimic import FEATURES
 from shared.models import build_model, ehr_encoders, load_pretrained_weights
 from shared.serde import array_to_booster, booster_to_array
+from shared.train import image_tensor, train_epochs
 from shared.train import predict as predict_torch
-from shared.train import train_epochs
 
 Weights = dict[str, np.ndarray]
 
@@ -62,6 +62,31 @@ def trained_names(cfg: Config) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def bn_names(cfg: Config) -> set[str]:
+    """The weights of the model's BatchNorm layers (statistics, and affine parameters if any): what FedBN keeps local."""
+    if cfg.model.name == "xgboost":
+        return set()
+    model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
+    return {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for name, _ in m.state_dict().items()}
+
+
+@torch.no_grad()
+def adapt_bn(cfg: Config, weights: Weights, data: Samples, batch_size: int = 256) -> Weights:
+    """``weights`` with BatchNorm statistics re-estimated on ``data``'s patches (labels unused): how a site
+    that never trained under FedBN gets statistics of its own (Li et al., ICLR 2021)."""
+    model = network(cfg, weights).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+        m.train()
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        model(image_tensor(data.images[idx]), torch.from_numpy(data.ehr[idx]))
+    return _to_weights(model)
+
+
 def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proximal_mu: float = 0.0,
                  dp: privacy.Plan | None = None) -> tuple[Weights, float]:
     """A site's training on ``data`` from the global ``weights``; returns its update and training loss.
@@ -80,11 +105,17 @@ def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proxim
     return _to_weights(model), loss
 
 
-def predict(cfg: Config, weights: Weights, data: Samples) -> tuple[np.ndarray, float]:
-    """Class probabilities ``(n, K)`` on ``data`` and the mean cross-entropy."""
+def predict(cfg: Config, weights: Weights, data: Samples, adapt: bool | None = None) -> tuple[np.ndarray, float]:
+    """Class probabilities ``(n, K)`` on ``data`` and the mean cross-entropy.
+
+    Under FedBN the global model holds no site's BatchNorm statistics, so by default (``adapt=None``) they are
+    first re-estimated on ``data`` itself (:func:`adapt_bn`); a site passes ``adapt=False`` with its own.
+    """
     if cfg.model.name == "xgboost":
         probs = xgb.predict_proba(array_to_booster(weights["0"]), data.ehr)
         return probs, log_loss(data.labels, probs)
+    if cfg.federation.fedbn if adapt is None else adapt:
+        weights = adapt_bn(cfg, weights, data)
     return predict_torch(network(cfg, weights), data)
 
 

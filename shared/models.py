@@ -37,15 +37,19 @@ class CNNEncoder(nn.Module):
     The map is flattened rather than averaged: the class is that of the
     nucleus at the patch's centre, so where a feature is matters as much as
     what it is (neighbouring nuclei of other classes share the patch).
+
+    ``norm="batch"``: BatchNorm without affine parameters, so all it holds is
+    statistics: what FedBN keeps at each site, and what a hospital that joins
+    later can re-estimate from its own unlabeled patches.
     """
 
-    def __init__(self, latent: int, width: int = 16) -> None:
+    def __init__(self, latent: int, width: int = 16, norm: str = "group") -> None:
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         blocks = []
         for cin, cout in zip(chans[:-1], chans[1:]):
-            blocks += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layer = nn.GroupNorm(4, cout) if norm == "group" else nn.BatchNorm2d(cout, affine=False)
+            blocks += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), layer, nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(4))
         self.project = nn.Linear(chans[-1] * 16, latent)
 
@@ -79,7 +83,7 @@ class MLPEncoder(nn.Module):
 def image_encoder(cfg: ModelConfig, name: str) -> nn.Module:
     """The image encoder ``name`` (``cnn`` or ``resnet18``), frozen but for its projection if ``cfg.freeze``."""
     if name == "cnn":
-        return CNNEncoder(cfg.image_latent)
+        return CNNEncoder(cfg.image_latent, norm=cfg.cnn_norm)
     encoder = ResNetEncoder(cfg.image_latent, cfg.resnet_norm, cfg.small_stem)
     if cfg.freeze:
         for p in encoder.backbone_parameters():

@@ -57,3 +57,43 @@ def test_augmentation_changes_training_batches_but_never_evaluation(quick_data):
     off = apply_overrides(cfg, {"train.hed_jitter": 0.0, "train.flips": False})
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(first, learner.predict(off, weights, samples)[0])
+
+
+def test_under_fedbn_no_batch_norm_weight_leaves_a_site(quick_data, tmp_path, monkeypatch):
+    import simulations.inprocess as inprocess
+
+    replies = []
+    transmit = inprocess._transmitted
+
+    def spy(message):
+        if message.metadata.reply_to_message_id:  # a site's reply, as it leaves the site
+            replies.append(message)
+        return transmit(message)
+
+    monkeypatch.setattr(inprocess, "_transmitted", spy)
+    changes = {"federation.rounds": 2, "model.cnn_norm": "batch", "federation.fedbn": True, "report.shap_rows": 20,
+               "model.name": "fusion"}
+    metrics = federate(quick_data, tmp_path, changes)
+    cfg = apply_overrides(load(CONFIG), changes)
+    local = learner.bn_names(cfg)
+    assert len(local) == 12  # 4 BatchNorm layers: running mean, variance and count each
+    sent = {k for m in replies if not m.has_error() for record in m.content.array_records.values() for k in record}
+    assert sent and not sent & local
+    assert sent == set(learner.trained_names(cfg)) | {"ehr.mean", "ehr.std"}  # everything else did travel
+    assert all(r["sites"] and r["central"] for r in metrics["rounds"])
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert all(float(saved[k].abs().sum()) == 0 for k in local if k.endswith("running_mean"))  # never averaged
+
+
+def test_a_new_site_estimates_batch_norm_statistics_from_its_own_patches(quick_data):
+    cfg = apply_overrides(load(CONFIG), {"data.patch_size": 32, "model.name": "cnn", "model.cnn_norm": "batch",
+                                         "federation.fedbn": True})
+    samples = load_folder(quick_data / "site-1", cfg.data)
+    samples = samples.subset(np.arange(len(samples)) < 512)  # two whole batches: the average of batch means is exact
+    weights, _ = learner.initial_weights(cfg, np.zeros(27), np.ones(27))
+    adapted = learner.adapt_bn(cfg, weights, samples)
+    conv = learner.network(cfg, weights).image.features[0]
+    with torch.no_grad():
+        first = conv(torch.from_numpy(samples.images).permute(0, 3, 1, 2).float() / 255 - 0.5).mean((0, 2, 3))
+    np.testing.assert_allclose(adapted["image.features.1.running_mean"], first.numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(weights["image.features.1.running_mean"], adapted["image.features.1.running_mean"])
