@@ -69,24 +69,32 @@ class PaperConfig:
     out: str = "results"
 
 
-def load_paper(path: Path, quick: bool) -> tuple[Config, PaperConfig]:
-    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied."""
+def load_experiment(path: Path, quick: bool, section: str, cls: type) -> tuple[Config, object]:
+    """An experiment's YAML: ``base`` (a fedfuse config), ``<section>`` (``cls``'s settings) and ``quick``, whose
+    ``<section>`` and ``set`` entries apply with ``quick``."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(raw) - {"base", "paper", "quick"}
+    unknown = set(raw) - {"base", section, "quick"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; expected base, paper, quick")
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; expected base, {section}, "
+                          "quick")
     small = raw.get("quick", {}) if quick else {}
     try:
-        paper = build_section(PaperConfig, {**raw.get("paper", {}), **small.get("paper", {})}, "paper")
+        settings = build_section(cls, {**raw.get(section, {}), **small.get(section, {})}, section)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     base = apply_overrides(from_dict(raw.get("base", {}), f"{path} (base)"), small.get("set", {}))
+    if base.data.partition != "natural" or base.data.leave_out is not None:
+        raise ConfigError(f"{path}: base.data.partition must be natural and base.data.leave_out null: every cell "
+                          "is scored on the natural sites, which other partitions would deal out again")
+    return base, settings
+
+
+def load_paper(path: Path, quick: bool) -> tuple[Config, PaperConfig]:
+    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied."""
+    base, paper = load_experiment(path, quick, "paper", PaperConfig)
     missing = [m for m in paper.models if m not in paper.budgets]
     if missing:
         raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)}")
-    if base.data.partition != "natural" or base.data.leave_out is not None:
-        raise ConfigError(f"{path}: base.data.partition must be natural and base.data.leave_out null: every cell "
-                          "is scored on the natural sites' test splits, which other partitions would train on")
     return base, paper
 
 
