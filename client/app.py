@@ -32,7 +32,7 @@ from shared.config import Config, classes_of, fault_at, from_run_config, task_of
 from shared.data import Samples, ehr_statistics, load_site
 from shared.metrics import classification_metrics
 from shared.serde import flatten_metrics
-from simulations.partition import simulated_site
+from simulations.partition import natural_index, simulated_site
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
@@ -79,8 +79,7 @@ def _images_folder(context: Context) -> Path:
     cfg, node = from_run_config(dict(context.run_config), APP_ROOT), context.node_config
     if "data-dir" in node:
         return Path(str(node["data-dir"])) / "BreCaHAD"
-    index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][int(node["partition-id"])]
-    return Path(cfg.data.root) / f"site-{index}" / "BreCaHAD"
+    return Path(cfg.data.root) / f"site-{natural_index(cfg, int(node['partition-id']))}" / "BreCaHAD"
 
 
 def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:

@@ -94,6 +94,11 @@ def load_partition(
     return split_by_case(mine, cfg.test_fraction, seed + index)
 
 
+def natural_index(cfg: Config, partition_id: int) -> int:
+    """The site folder (``site-<k>``) simulated SuperNode ``partition_id`` holds: in order, without ``leave_out``."""
+    return [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][partition_id]
+
+
 def simulated_site(cfg: Config, partition_id: int, task: str,
                    stain_reference: list[float] | None = None) -> tuple[int, str, Samples, Samples]:
     """Simulated SuperNode ``partition_id``'s site: (index, name, train, test); ``stain_reference`` as in load_site.
@@ -102,7 +107,7 @@ def simulated_site(cfg: Config, partition_id: int, task: str,
     otherwise the ``partition_id``-th group of cases re-dealt from them all.
     """
     if cfg.data.partition == "natural":
-        index = [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][partition_id]
+        index = natural_index(cfg, partition_id)
         name = f"site-{index}"
         return index, name, *load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task, stain_reference)
     train, test = load_partition(Path(cfg.data.root), cfg.data, partition_id, cfg.seed, task, stain_reference)
