@@ -13,6 +13,7 @@ same code runs in simulation and at a hospital:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -54,21 +55,30 @@ def _site(context: Context, msg: Message | None = None, raw_stain: bool = False)
 
     ``msg``: the server's message, whose config carries the federation's stain reference (if any);
     ``raw_stain``: patches as scanned (the EHR statistics, asked before any reference exists, need no pixels).
+    A process serving the same site again (a simulation's worker, round after round) reuses what it loaded.
     """
-    cfg = from_run_config(dict(context.run_config), APP_ROOT)
+    config = msg.content.config_records.get("config") if msg is not None else None
+    stain_reference = tuple(config[STAIN_REFERENCE]) if config is not None and STAIN_REFERENCE in config else None
+    site = _load_site(tuple(sorted(context.run_config.items())), tuple(sorted(context.node_config.items())),
+                      stain_reference, raw_stain)
+    torch.set_num_threads(site.cfg.train.threads)
+    return site
+
+
+@functools.lru_cache(maxsize=4)
+def _load_site(run_config: tuple, node_config: tuple, stain_reference: tuple | None, raw_stain: bool) -> Site:
+    cfg = from_run_config(dict(run_config), APP_ROOT)
     if raw_stain:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stain_norm="none"))
-    torch.set_num_threads(cfg.train.threads)
-    node, task = context.node_config, task_of(cfg)
-    config = msg.content.config_records.get("config") if msg is not None else None
-    stain_reference = list(config[STAIN_REFERENCE]) if config is not None and STAIN_REFERENCE in config else None
+    node, task = dict(node_config), task_of(cfg)
+    reference = list(stain_reference) if stain_reference is not None else None
     if "data-dir" in node:
         folder = Path(str(node["data-dir"]))
         index = int(node.get("site-index", 0))
         name = str(node.get("site-name", folder.name))
-        train, test = load_site(folder, cfg.data, cfg.seed + index, task, stain_reference)
+        train, test = load_site(folder, cfg.data, cfg.seed + index, task, reference)
     else:
-        index, name, train, test = simulated_site(cfg, int(node["partition-id"]), task, stain_reference)
+        index, name, train, test = simulated_site(cfg, int(node["partition-id"]), task, reference)
     if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
         train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
     return Site(cfg, index, name, train, test)

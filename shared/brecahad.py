@@ -205,7 +205,7 @@ def load_patches(
     arrays = cached_arrays(cache_dir, f"patches-{key}", lambda: _decode(folder, classes, patch_size, border,
                                                                         normalise))
     return Patches(arrays["images"], arrays["labels"], arrays["cases"], arrays["tiles"], arrays["points"],
-                   int(arrays["dropped_at_border"]), int(arrays["stain_skipped"]))
+                   int(arrays["dropped_at_border"]), int(arrays.get("stain_skipped", 0)))  # older caches: none
 
 
 def inspect(folder: Path, classes: tuple[str, ...], patch_size: int, border: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -535,6 +536,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return from_dict(raw, "overrides")
 
 
+@functools.cache  # the dataclasses never change: apps parse the config on every message
 def _flat_hints(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, tp in typing.get_type_hints(cls).items():

@@ -8,6 +8,7 @@ from torch import nn
 
 from shared.config import TrainConfig
 from shared.data import Samples
+from shared.models import memory_format
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
@@ -80,7 +81,8 @@ def train_epochs(
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(samples.labels, n_classes, cfg.class_weights))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    model.train()
+    layout = memory_format(model)
+    model.to(memory_format=layout).train()
     total, count, steps = 0.0, 0, 0
     budget = cfg.steps if cfg.steps > 0 else cfg.local_epochs * -(-len(samples) // cfg.batch_size)
     while steps < budget and len(samples):
@@ -91,7 +93,7 @@ def train_epochs(
             steps += 1
             idx = order[start : start + cfg.batch_size]
             images, ehr, labels = _batch(samples, idx, cfg, gen)
-            loss = model.loss(images, ehr, labels, loss_fn)
+            loss = model.loss(images.contiguous(memory_format=layout), ehr, labels, loss_fn)
             total += loss.item() * len(idx)
             count += len(idx)
             if anchor is not None:
@@ -99,18 +101,20 @@ def train_epochs(
             opt.zero_grad()
             loss.backward()
             opt.step()
+    model.to(memory_format=torch.contiguous_format)  # weights leave in the usual layout
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[np.ndarray, float]:
     """Class probabilities ``(n, K)`` and the mean (unweighted) cross-entropy."""
-    model.eval()
+    layout = memory_format(model)
+    model.to(memory_format=layout).eval()
     probs, loss = [], 0.0
     for start in range(0, len(samples), batch_size):
         idx = np.arange(start, min(start + batch_size, len(samples)))
         images, ehr, labels = _batch(samples, idx, None, None)
-        logits = model(images, ehr)
+        logits = model(images.contiguous(memory_format=layout), ehr)
         loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         probs.append(torch.softmax(logits, 1).numpy())
     return (np.concatenate(probs) if probs else np.zeros((0, model.n_classes))), loss / max(len(samples), 1)

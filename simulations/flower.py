@@ -150,7 +150,7 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
                               federation_config=f"num-supernodes={num_sites} client-resources-num-cpus={cpus}",
                               on_submitted=lambda: helpers.extend(_children(superlink.pid)))
         finally:
-            stop_tree(superlink.pid, known_groups=tuple(helpers))
+            stop_tree(superlink.pid, grace=2.0, known_groups=tuple(helpers))  # the run is over: no long wait
             superlink.wait()
             if own_ray_tmp:
                 shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -201,7 +201,7 @@ def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dic
     return run_id
 
 
-def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 2.0) -> dict:
+def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 0.5) -> dict:
     """The run's status from ``flwr ls``, waiting while it is not finished (a log stream can end early)."""
     while True:
         ls = _flwr(["ls", "fedfuse", "--run-id", str(run_id), "--format", "json"], env, capture_output=True,
