@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-.PHONY: demo test flwr-run lint clean
+.PHONY: demo test bench flwr-run lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
+
+# Every benchmark at its quick size (bench/README.md), then one table of each figure against its target.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 # The same app through `flwr run . local --stream` and Flower's own local SuperLink (needs data: run
 # `make demo` once). Sets the Flower environment, and stops the SuperLink that flwr leaves running.

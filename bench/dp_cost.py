@@ -1,6 +1,6 @@
 """What DP-SGD costs per optimiser step, against plain training, for cnn and resnet18 (issue 4).
 
-    .venv/bin/python -m bench.dp_cost [--steps 10] [--batch 32]
+    .venv/bin/python -m bench.dp_cost [--tiny | --quick | --full] [--batch 32] [--steps N] [--out FILE]
 
 For each model it measures, in one run, the time of one training step and how far
 training raises the peak memory of a fresh process (so one mode's
@@ -19,7 +19,12 @@ checks each DP mode against ``hooks``: with the noise off, one step's
 privatised gradient must agree to 1e-4 (a mode that is fast but wrong is
 reported as such). ``ghost`` never materialises per-sample gradients, so it
 cannot serve ``privacy.unit: patient`` (which sums a patient's per-sample
-gradients before clipping); the output says so.
+gradients before clipping); the output says so. Target: ``hooks`` at most 2x
+plain's step time for cnn.
+
+Sizes: tiny: cnn, plain and hooks, 2 timed steps; quick: cnn and resnet18,
+plain and hooks, 5 timed steps; full: both models, all four modes, 10 timed
+steps (docs/results/dp_cost.txt's run).
 """
 
 from __future__ import annotations
@@ -38,11 +43,19 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
+from bench import common
 from shared.config import ModelConfig
 from shared.mimic import FEATURES
 from shared.models import build_model
 
+NAME = "dp_cost"
 MODES = ("plain", "hooks", "functorch", "ghost")
+SIZES = {
+    "tiny": {"models": ("cnn",), "modes": ("plain", "hooks"), "steps": 2},
+    "quick": {"models": ("cnn", "resnet18"), "modes": ("plain", "hooks"), "steps": 5},
+    "full": {"models": ("cnn", "resnet18"), "modes": MODES, "steps": 10},
+}
+TARGET_CNN = 2.0  # DP-SGD step time over plain's, cnn
 CLIP = 1.0
 
 
@@ -123,32 +136,52 @@ def measure_one(model_name: str, mode: str, batch: int, steps: int) -> dict:
     return {"step_s": seconds, "peak_mb": peak_mb, "agrees_with_hooks": agrees}
 
 
+def run_one(model_name: str, mode: str, batch: int, steps: int) -> dict:
+    """``measure_one`` in a fresh process (so one mode's allocations do not hide another's)."""
+    done = subprocess.run([sys.executable, "-m", "bench.dp_cost", "--one", model_name, mode, "--batch", str(batch),
+                           "--steps", str(steps)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"dp_cost: {model_name} {mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 2 warm-up steps)")
+    ap = common.parser(NAME, __doc__, data=False)
     ap.add_argument("--batch", type=int, default=32, help="batch size (fedfuse's default train.batch_size is 32)")
-    ap.add_argument("--models", default="cnn,resnet18")
+    ap.add_argument("--steps", type=int, help="timed steps per mode instead of the size's (after 2 warm-up steps)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as a site trains (train.threads)
+    size = SIZES[args.size]
+    steps = args.steps or size["steps"]
     if args.one:
-        print(json.dumps(measure_one(*args.one, args.batch, args.steps)))
+        print(json.dumps(measure_one(*args.one, args.batch, steps)))
         return 0
-    print(f"DP-SGD cost per step, batch {args.batch}, {args.steps} timed steps, 1 thread, each mode in its own process")
-    for model_name in args.models.split(","):
-        results = {}
-        for mode in MODES:
-            out = subprocess.run([sys.executable, "-m", "bench.dp_cost", "--one", model_name, mode, "--batch",
-                                  str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True,
-                                 check=True)
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    started = time.perf_counter()
+    print(f"DP-SGD cost per step, batch {args.batch}, {steps} timed steps, 1 thread, each mode in its own process",
+          flush=True)
+    figures = {}
+    for model_name in size["models"]:
+        results = {mode: run_one(model_name, mode, args.batch, steps) for mode in size["modes"]}
         plain = results["plain"]
         for mode, r in results.items():
+            r["x_time"] = r["step_s"] / plain["step_s"]
+            r["x_memory"] = r["peak_mb"] / plain["peak_mb"] if plain["peak_mb"] > 0 else None
             check = {None: "", True: "; privatised gradient = hooks' (1e-4)",
                      False: "; privatised gradient DIFFERS from hooks'"}[r["agrees_with_hooks"]]
             note = "; no per-sample gradients: cannot serve privacy.unit patient" if mode == "ghost" else ""
-            print(f"{model_name:<9} {mode:<10} {r['step_s'] * 1000:8.1f} ms/step  x{r['step_s'] / plain['step_s']:5.2f} "
-                  f"time | training memory {r['peak_mb']:6.0f} MB  x{r['peak_mb'] / plain['peak_mb']:5.2f}{check}{note}")
+            print(f"{model_name:<9} {mode:<10} {r['step_s'] * 1000:8.1f} ms/step  x{r['x_time']:5.2f} time | "
+                  f"training memory {r['peak_mb']:6.0f} MB  x{common.fmt(r['x_memory'], 3):>5}{check}{note}",
+                  flush=True)
+        figures[model_name] = results
+    cnn = figures.get("cnn", {}).get("hooks")
+    targets = [common.target("DP-SGD step / plain step, cnn (Opacus hooks, what sites use)",
+                             cnn["x_time"] if cnn else None, TARGET_CNN, "x")]
+    targets += [common.target(f"DP-SGD step / plain step, {m} (hooks)", r["hooks"]["x_time"], None, "x")
+                for m, r in figures.items() if m != "cnn" and "hooks" in r]
+    settings = {"models": list(size["models"]), "modes": list(size["modes"]), "steps": steps, "batch": args.batch,
+                "threads": 1, "clip": CLIP}
+    common.write(args, NAME, started, settings, figures, targets)
     return 0
 
 
