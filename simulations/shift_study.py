@@ -91,9 +91,12 @@ def _run_cell(cfg: Config, work: Path) -> dict:
 
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    with open(work / "log.txt", "w") as log, contextlib.redirect_stdout(log):
-        federate(cfg, work, "inprocess")
+    logging.disable(logging.INFO)  # Flower's INFO lines: Flower resets its logger's level when imported
+    try:
+        with open(work / "log.txt", "w") as log, contextlib.redirect_stdout(log):
+            federate(cfg, work, "inprocess")
+    finally:
+        logging.disable(logging.NOTSET)
     final = json.loads((work / "metrics.json").read_text())["final"]
     return {"macro_auc": final["macro_auc"], "auc": final["auc"], "accuracy": final["accuracy"],
             "seconds": round(time.time() - started, 1)}
