@@ -91,7 +91,7 @@ def _run_cell(cfg: Config, work: Path) -> dict:
 
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    logging.disable(logging.INFO)  # Flower's INFO lines: Flower resets its logger's level when imported
+    logging.disable(logging.WARNING)  # Flower's lines (e.g. "fraction_evaluate is 0"); it resets its level on import
     try:
         with open(work / "log.txt", "w") as log, contextlib.redirect_stdout(log):
             federate(cfg, work, "inprocess")
