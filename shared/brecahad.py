@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def _decode(folder: Path, classes: tuple[str, ...], patch_size: int, border: str
             cases += [tile.case] * len(patches)
             tiles += [tile.name] * len(patches)
             points_kept.append(points[cls][kept])
+    if skipped:  # said once, at extraction
+        print(f"stain normalisation ({normalise.method}): {skipped} tile(s) in {folder} kept as scanned, too little "
+              "tissue to estimate their stains", file=sys.stderr)
     return {
         "images": np.concatenate(imgs) if imgs else np.zeros((0, patch_size, patch_size, 3), np.uint8),
         "labels": np.array(labels, np.int64),

@@ -14,20 +14,22 @@ tile, before its patches are cut, onto one *reference* appearance:
 
 The reference never needs pooled images (``data.stain_reference``):
 
-* ``shipped``: the statistics of ``shared/assets/stain_reference.png``, a
-  256 x 256 crop of a tile the project generated with the textbook
-  Ruifrok-Johnston H&E vectors (``simulations.synth.write_stain_reference``
-  remakes it); every site computes the same numbers from the same file;
+* ``shipped``: the statistics in ``shared/assets/stain_reference.json``, those
+  of ``stain_reference.png`` beside it, a 256 x 256 tile the project generated
+  with the textbook Ruifrok-Johnston H&E vectors
+  (``simulations.synth.write_stain_reference`` remakes both). Numbers, not the
+  image, because Flower's app bundle carries no images to the SuperNodes;
 * ``federated``: each site computes the mean statistics of its own tiles and
   sends only those and its tile count; the server's tile-weighted mean
   (:func:`combine`) is sent back with every message;
 * a path: the statistics of the user's own reference image.
 
-A tile with too little tissue for Macenko's estimate is kept as it is, and counted.
+A tile with too little tissue for Macenko's estimate is kept as it is; extraction says how many, per folder.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,8 +37,8 @@ import numpy as np
 
 from shared.config import DataConfig
 
-METHODS = ("none", "reinhard", "macenko")
-SHIPPED = Path(__file__).resolve().parent / "assets" / "stain_reference.png"
+SHIPPED = Path(__file__).resolve().parent / "assets" / "stain_reference.json"
+SHIPPED_IMAGE = SHIPPED.with_suffix(".png")
 WIDTH = {"reinhard": 6, "macenko": 8}  # length of a statistics vector
 
 
@@ -75,6 +77,11 @@ def combine(parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
                       weights=[n for _, n in parts])
 
 
+def shipped(method: str) -> np.ndarray:
+    """The shipped reference's statistics for ``method``."""
+    return np.asarray(json.loads(SHIPPED.read_text())[method], np.float64)
+
+
 @lru_cache(maxsize=8)
 def reference_from_image(method: str, path: Path) -> np.ndarray:
     from PIL import Image
@@ -90,8 +97,10 @@ class Normaliser:
 
     def __init__(self, method: str, reference: np.ndarray) -> None:
         reference = np.asarray(reference, np.float64)
-        if method not in WIDTH or reference.shape != (WIDTH[method],):
-            raise ValueError(f"stain reference for {method!r}: expected {WIDTH.get(method)} numbers, "
+        if method not in WIDTH:
+            raise ValueError(f"stain normalisation: unknown method {method!r}; expected one of {', '.join(WIDTH)}")
+        if reference.shape != (WIDTH[method],):
+            raise ValueError(f"stain reference for {method!r}: expected {WIDTH[method]} numbers, "
                              f"got shape {reference.shape}")
         self.method, self.reference = method, reference
         self._n = _normalizer(method)
@@ -123,8 +132,7 @@ def normaliser_for(cfg: DataConfig, federated: list[float] | np.ndarray | None =
                              "at the start of a run; here there is none (a finished run keeps it in metrics.json)")
         return Normaliser(cfg.stain_norm, np.asarray(federated, np.float64))
     if cfg.stain_reference == "shipped":
-        path = SHIPPED
-    else:
-        path = Path(cfg.stain_reference)
-        path = path if path.is_absolute() else Path(cfg.root) / path
+        return Normaliser(cfg.stain_norm, shipped(cfg.stain_norm))
+    path = Path(cfg.stain_reference)
+    path = path if path.is_absolute() else Path(cfg.root) / path
     return Normaliser(cfg.stain_norm, reference_from_image(cfg.stain_norm, path))

@@ -151,18 +151,22 @@ def synth(out: Path, sites: int, seed: int, preset: str = "quick") -> dict[str, 
 
 
 def write_stain_reference(path: Path | None = None) -> Path:
-    """Remake ``shared/assets/stain_reference.png``: data.stain_reference ``shipped``'s image.
+    """Remake ``shared/assets/stain_reference.png`` and, beside it, ``.json``: data.stain_reference ``shipped``.
 
     A 256 x 256 tile rendered with the textbook Ruifrok-Johnston H and E vectors at unit
     intensity, mild blur and noise, grade 0, seed 0: the appearance stain normalisation maps onto.
+    The JSON holds its Reinhard and Macenko statistics, what the sites read.
     """
-    from shared.stain import SHIPPED
+    from shared.stain import SHIPPED_IMAGE, WIDTH, reference_from_image
 
-    path = Path(path or SHIPPED)
+    path = Path(path or SHIPPED_IMAGE)
     style = SiteStyle(tuple(STAIN_H / np.linalg.norm(STAIN_H)), tuple(STAIN_E / np.linalg.norm(STAIN_E)),
                       h_scale=1.0, e_scale=1.0, blur_sigma=0.8, noise_std=3.0)
     spec = TileSpec(256, 256, n_tumor=14, n_non_tumor=5, n_mitosis=1, n_apoptosis=0.5, n_lumen=0.5, n_non_lumen=0.5)
     image, _ = render_tile(np.random.default_rng(0), spec, style, 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, format="PNG")
+    reference_from_image.cache_clear()
+    stats = {m: reference_from_image(m, path).tolist() for m in WIDTH}
+    path.with_suffix(".json").write_text(json.dumps({"image": path.name, **stats}, indent=1) + "\n")
     return path

@@ -30,6 +30,7 @@ def test_data_caches_and_runs_are_not_bundled(tmp_path):
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
     assert "server/app.py" in names and "client/app.py" in names and "configs/quickstart.yaml" in names
     assert "pyproject.toml" in names
+    assert "shared/assets/stain_reference.json" in names  # data.stain_reference: shipped, read at every site
     kept_out = ("data/", "runs/", ".flwr/", "results/", "coordinator/", "deploy-try/")
     leaked = [n for n in names if n.startswith(kept_out) or ".fedfuse-cache" in n]
     assert leaked == []
