@@ -377,11 +377,12 @@ def _check_secure_aggregation(cfg: Config) -> None:
 def _check_privacy(cfg: Config) -> None:
     """One noise setting; central DP: what Flower's accountant covers; local DP-SGD: per-sample gradients."""
     p = cfg.privacy
-    compact = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32"
+    compact = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32" or cfg.federation.fedbn
     if compact and (p.secure_aggregation or (p.mode == "central" and p.clipping == "client")):
-        raise ConfigError("federation.upload / upload_dtype: a compacted upload cannot be masked by "
-                          "privacy.secure_aggregation or clipped at the site (privacy.clipping: client), which "
-                          "work on the whole float32 model; set federation.upload: all, upload_dtype: float32")
+        raise ConfigError("federation.upload / upload_dtype / fedbn: an upload without some of the model (BatchNorm "
+                          "kept at the site under fedbn) or in float16 cannot be masked by privacy.secure_aggregation "
+                          "or clipped at the site (privacy.clipping: client), which work on the whole float32 model; "
+                          "set federation.upload: all, upload_dtype: float32, fedbn: false, or privacy.clipping: server")
     if p.secure_aggregation:
         _check_secure_aggregation(cfg)
     if p.mode == "none":

@@ -18,11 +18,12 @@ samples records and a unit may be a group of records:
   clipping, so one clipped contribution is the whole patient's and the
   epsilon protects a patient (and so each of their patches).
 
-The ledger is a site-local JSON file keyed by a fingerprint of the site's
-training data. It holds the accountant's history (noise multiplier, sample
-rate, steps) of every round this data ever trained in, across runs and
-restarts, so the epsilon a site reports is cumulative; it is written
-atomically after every round and only ``fedfuse privacy reset`` empties it.
+The ledger is a site-local JSON file keyed by a fingerprint of who is in the
+site's training data (patient ids and their EHR rows, not the pixels). It
+holds the accountant's history (noise multiplier, sample rate, steps) of
+every round these patients ever trained in, across runs and restarts, so
+the epsilon a site reports is cumulative; it is written atomically after
+every round and only ``fedfuse privacy reset`` empties it.
 """
 
 from __future__ import annotations
@@ -139,10 +140,12 @@ def patient_bound(eps: float, delta: float, k: int) -> tuple[float, float]:
 
 
 def fingerprint(samples: Samples) -> str:
-    """Hash of the training data itself (images, EHR, labels, cases): what the ledger's epsilon is about."""
-    h = hashlib.sha256()
-    for a in (samples.images, samples.ehr, samples.labels, samples.cases.astype(str)):
-        h.update(np.ascontiguousarray(a).tobytes())
+    """Hash of who is in the training data: its patients (case ids) and their EHR rows, what the ledger's
+    epsilon is about. Not the pixels: another patch size or stain normalisation trains on the same people
+    and spends the same budget."""
+    cases, first = np.unique(samples.cases.astype(str), return_index=True)
+    h = hashlib.sha256("\n".join(cases).encode())
+    h.update(np.ascontiguousarray(samples.ehr[first]).tobytes())
     return h.hexdigest()[:16]
 
 

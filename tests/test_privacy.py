@@ -170,7 +170,7 @@ def test_patient_unit_clips_a_whole_patient_as_one(monkeypatch):
 
 def test_batchnorm_and_xgboost_are_refused_under_local_dp():
     cfg = load(ROOT / "configs/quickstart.yaml")
-    with pytest.raises(ConfigError, match="resnet_norm: group"):
+    with pytest.raises(ConfigError, match="model.resnet_norm / model.cnn_norm: group"):
         apply_overrides(cfg, {"privacy.mode": "local", "model.name": "resnet18", "model.resnet_norm": "batch"})
     with pytest.raises(ConfigError, match="XGBoost"):
         apply_overrides(cfg, {"privacy.mode": "local", "model.name": "xgboost", "federation.strategy": "xgb_bagging"})
@@ -190,8 +190,12 @@ def test_a_ledger_refuses_what_it_cannot_add_and_keeps_a_broken_file(tmp_path):
     assert reopened.epsilon() == eps
     with pytest.raises(ValueError, match="delta"):
         privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local", delta=1e-6), "site-0")
-    other = Samples(samples.images + 1, samples.ehr, samples.labels, samples.cases)  # other data: its own ledger
-    assert privacy.Ledger(tmp_path, other, PrivacyConfig(mode="local"), "site-0").epsilon() == 0.0
+    restained = Samples(samples.images + 1, samples.ehr, samples.labels, samples.cases)  # the same patients
+    assert privacy.Ledger(tmp_path, restained, PrivacyConfig(mode="local"), "site-0").epsilon() == eps
+    others = Samples(samples.images, samples.ehr, samples.labels, np.array(["c", "c", "d", "d"]))
+    assert privacy.Ledger(tmp_path, others, PrivacyConfig(mode="local"), "site-0").epsilon() == 0.0  # their own
+    their_ehr = Samples(samples.images, samples.ehr + 1, samples.labels, samples.cases)  # other records
+    assert privacy.Ledger(tmp_path, their_ehr, PrivacyConfig(mode="local"), "site-0").epsilon() == 0.0
     assert main(["privacy", "reset", str(tmp_path)]) == 2 and ledger.path.is_file()  # not without --yes
     assert main(["privacy", "reset", str(tmp_path), "--yes"]) == 0 and not ledger.path.exists()
     assert privacy.Ledger(tmp_path, samples, PrivacyConfig(mode="local"), "site-0").epsilon() == 0.0

@@ -1,11 +1,12 @@
 """Compact uploads: only trained weights and/or float16 from the site, whole float32 models at the server."""
 
 import numpy as np
+import pytest
 import torch
 
 from client.wire import compact, expand
 from shared import learner
-from shared.config import apply_overrides, load
+from shared.config import ConfigError, apply_overrides, load
 from tests.test_reliability import CONFIG, federate
 
 
@@ -37,3 +38,14 @@ def test_a_run_with_compact_uploads_tracks_the_full_precision_run(quick_data, tm
     assert set(models["full"]) == set(models["compact"])
     diffs = [float((models["full"][k].float() - models["compact"][k].float()).abs().max()) for k in models["full"]]
     assert 0 < max(diffs) < 5e-3  # float16 rounding, not another model
+
+
+@pytest.mark.parametrize("upload", [{"federation.upload_dtype": "float16"},
+                                    {"federation.fedbn": True, "model.cnn_norm": "batch"}])
+def test_an_upload_without_the_whole_float32_model_cannot_be_clipped_at_the_site(upload):
+    """Flower's client-side clipping mod rejects a reply whose arrays differ from what the site received."""
+    private = {"privacy.mode": "central", "privacy.clipping": "client", "privacy.epsilon": None,
+               "privacy.noise_multiplier": 0.5}
+    apply_overrides(load(CONFIG), {**private, "privacy.clipping": "server", **upload})  # server-side: fine
+    with pytest.raises(ConfigError, match=r"fedbn.*privacy\.clipping: client"):
+        apply_overrides(load(CONFIG), {**private, **upload})
