@@ -68,6 +68,8 @@ def _site(context: Context, msg: Message | None = None, raw_stain: bool = False)
 @functools.lru_cache(maxsize=4)
 def _load_site(run_config: tuple, node_config: tuple, stain_reference: tuple | None, raw_stain: bool) -> Site:
     cfg = from_run_config(dict(run_config), APP_ROOT)
+    if raw_stain and cfg.data.stain_norm == "none":  # the same data: one copy
+        return _load_site(run_config, node_config, stain_reference, False)
     if raw_stain:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stain_norm="none"))
     node, task = dict(node_config), task_of(cfg)
@@ -114,11 +116,14 @@ def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
     return privacy.Ledger(folder, site.train, p, site.name), budget
 
 
-def _with_local_bn(site: Site, context: Context, weights: dict) -> tuple[dict, bool]:
-    """FedBN: the global ``weights`` with this site's own BatchNorm layers, if it has trained; and whether it has."""
-    if not site.cfg.federation.fedbn or FEDBN_STATE not in context.state.array_records:
-        return weights, False
-    return {**weights, **from_record(context.state[FEDBN_STATE])}, True
+def _with_local_bn(site: Site, context: Context, weights: dict, adapt_on: Samples | None = None) -> dict:
+    """FedBN: the global ``weights`` with this site's own BatchNorm layers if it has trained; a site that has not
+    (given ``adapt_on``, the patches it scores) re-estimates them there first, as an unseen hospital does."""
+    if not site.cfg.federation.fedbn:
+        return weights
+    if FEDBN_STATE in context.state.array_records:
+        return {**weights, **from_record(context.state[FEDBN_STATE])}
+    return learner.adapt_bn(site.cfg, weights, adapt_on) if adapt_on is not None else weights
 
 
 def _uniform(site: Site) -> dict[str, float]:
@@ -167,7 +172,7 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
 
     With local DP the site first checks its ledger, declining before it touches the data.
     Randomness derives from (seed, site, round) alone, so a resumed run trains as a straight one
-    (local DP's noise excepted: shared/privacy.py draws it from the OS).
+    (local DP's noise excepted: shared/privacy.py draws it from the OS; FedBN's local statistics are lost).
     """
     fault = fault_at(site.cfg, site.index, server_round)
     if fault == "crash":
@@ -184,7 +189,7 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
             raise BudgetExhausted(f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its "
                                   f"budget {budget:.4g}; round {server_round} would bring it to {after:.4g} "
                                   f"({ledger.path})")
-    weights, _ = _with_local_bn(site, context, weights)
+    weights = _with_local_bn(site, context, weights)
     weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp)
     if site.cfg.federation.fedbn:  # kept for this site's next round and evaluations; never sent (client/wire.py)
         context.state[FEDBN_STATE] = to_record({k: weights[k] for k in learner.bn_names(site.cfg)})
@@ -216,9 +221,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's test split."""
     site = _site(context, msg)
     classes = classes_of(site.cfg)
-    weights, own = _with_local_bn(site, context, from_record(msg.content["arrays"]))
-    # FedBN: a site with statistics of its own uses them; one that never trained estimates them on its patches
-    probs, loss = learner.predict(site.cfg, weights, site.test, adapt=False if own else None)
+    weights = _with_local_bn(site, context, from_record(msg.content["arrays"]), adapt_on=site.test)
+    probs, loss = learner.predict(site.cfg, weights, site.test, adapt=False)
     flat = flatten_metrics({**classification_metrics(site.test.labels, probs, classes), "loss": loss}, classes)
     metrics = MetricRecord({**flat, "site-index": site.index, "num-examples": len(site.test), **_uniform(site)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -238,8 +242,8 @@ def shap_importance(msg: Message, context: Context) -> Message:
     """Mean |SHAP| per EHR feature over this site's explained test rows, and their count: aggregates only."""
     site = _site(context, msg)
     rows = explain.explained_rows(site.test, site.cfg.report.shap_rows, site.cfg.seed + site.index)
-    mean_abs, n = explain.importance(site.cfg, _with_local_bn(site, context, from_record(msg.content["arrays"]))[0],
-                                     rows)
+    weights = _with_local_bn(site, context, from_record(msg.content["arrays"]), adapt_on=site.test)
+    mean_abs, n = explain.importance(site.cfg, weights, rows)
     return Message(RecordDict({"shap": MetricRecord({"mean-abs": mean_abs.tolist(), "rows": n})}), reply_to=msg)
 
 

@@ -238,7 +238,9 @@ def build(run_dir: Path) -> Path:
            "sites keep theirs") if holdout is None or not Path(holdout).is_dir() else "no final model in the run folder"
     if weights is not None and holdout is not None and Path(holdout).is_dir():
         data = load_folder(Path(holdout), cfg.data, cfg.seed, task_of(cfg), metrics.get("stain", {}).get("reference"))
-        probs, _ = learner.predict(cfg, weights, data)
+        if cfg.federation.fedbn:  # Grad-CAM and SHAP too need BatchNorm statistics: this data's, as predict's
+            weights = learner.adapt_bn(cfg, weights, data)
+        probs, _ = learner.predict(cfg, weights, data, adapt=False)
         image("ROC curves", _roc(data.labels, probs, classes), "")
         if task_of(cfg) == "patch" and cfg.model.name != "mlp":
             for c, png in _montages(cfg, weights, data, probs).items():

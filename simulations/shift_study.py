@@ -184,14 +184,19 @@ def write_table(base: Config, study: ShiftStudyConfig, results: dict, best: str,
                 mean, std = summary(cells, metric)
                 csv.append(f"{model},{name},{metric},{mean:.4f},{std:.4f},{len(study.seeds)},{len(study.held_out)}")
     seconds = sum(c["seconds"] for cells in results.values() for c in cells)
+    root = Path(base.data.root).resolve()
+    shown = root.relative_to(Path.cwd()) if root.is_relative_to(Path.cwd()) else root
+    reference = ("the shipped reference (shared/assets/stain_reference.png's statistics)"
+                 if base.data.stain_reference == "shipped" else f"data.stain_reference {base.data.stain_reference}")
     note = (f"\nEach cell: a federation of the other sites ({base.federation.rounds} rounds of "
             f"{base.train.steps} steps a site, batch {base.train.batch_size}), scored on every patch of the "
             f"held-out hospital. Mean over held-out sites {', '.join(map(str, study.held_out))}, then mean ± std "
-            f"over seeds {', '.join(map(str, study.seeds))}. Data: {base.data.root} ({base.data.sites} sites, preset "
-            f"{base.data.preset}). Normalisation onto the shipped reference (shared/assets/stain_reference.png); "
-            f"augmentation: HED jitter {study.hed_jitter} plus flips; fedbn: the CNN with BatchNorm (no affine) kept "
-            f"at each site, the unseen site estimating its own statistics. Training time summed over cells: "
-            f"{seconds / 60:.0f} min. Patches before and after normalisation: {picture.name}.\n")
+            f"over seeds {', '.join(map(str, study.seeds))}. Data: {shown} ({base.data.sites} sites, preset "
+            f"{base.data.preset}). Normalisation onto {reference}; augmentation: HED jitter {study.hed_jitter} plus "
+            f"flips; fedbn: the CNN with BatchNorm (no affine), its statistics kept at each site in training; the "
+            f"unseen site, which has none of its own, re-estimates them on its unlabeled patches before it is "
+            f"scored. Training time summed over cells: {seconds / 60:.0f} min. Patches before and after "
+            f"normalisation: {picture.name}.\n")
     table = out / "shift_study.md"
     table.write_text("# fedfuse: site shift, scored on unseen hospitals\n\n" + "\n".join(lines) + "\n" + note)
     (out / "shift_study.csv").write_text("\n".join(csv) + "\n")
