@@ -47,9 +47,9 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp.strategy.strategy_utils import aggregate_bagging
 
 from bench import common
-from client.wire import to_record
+from client.wire import compact, to_record
 from shared import learner, xgb
-from shared.config import classes_of
+from shared.config import apply_overrides, classes_of
 from shared.data import load_site
 from shared.mimic import FEATURES
 from shared.serde import booster_to_array, flatten_metrics
@@ -62,7 +62,9 @@ SIZES = {"tiny": {"xgb_rounds": 2, "sites": 2, "auc_models": ("fusion",),
                    "auc_set": {"federation.rounds": 3, "train.steps": 20}},
          "full": {"xgb_rounds": 20, "sites": 3, "auc_models": ("fusion", "cnn"), "auc_set": {}}}
 UPLOADS = {"float32": {}, "float16": {"federation.upload_dtype": "float16"},
+           "trainable": {"federation.upload": "trainable"},
            "trainable_float16": {"federation.upload_dtype": "float16", "federation.upload": "trainable"}}
+TRAINED_UPLOADS = ("float32", "float16", "trainable_float16")  # the macro AUC runs
 
 
 def _bytes(content: RecordDict) -> int:
@@ -85,25 +87,19 @@ def _evaluate_reply(cfg) -> RecordDict:
     return RecordDict({"metrics": MetricRecord({**flat, "site-index": 0, "num-examples": 1})})
 
 
-def _half(weights: dict) -> dict:
-    return {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in weights.items()}
-
-
 def neural(cfg) -> dict:
     """Bytes per site and round for a torch model: as sent now, float16, trainable part, both."""
     weights, _ = learner.initial_weights(cfg, np.zeros(len(FEATURES), np.float32), np.ones(len(FEATURES), np.float32))
     trained = learner.trained_names(cfg)
-    variants = {"float32": weights, "float16": _half(weights),
-                "trainable": {k: v for k, v in weights.items() if k in trained}}
-    variants["trainable_float16"] = _half(variants["trainable"])
     evaluate_up = _bytes(_evaluate_reply(cfg))
+    # Down is the whole float32 model whatever comes back (a site must hold all of it).
+    down = 2 * _bytes(_instruction(weights))
     out = {"arrays": len(weights), "parameters": int(sum(v.size for v in weights.values())),
            "trainable_parameters": int(sum(weights[k].size for k in trained)),
            "array_bytes": int(sum(v.nbytes for v in weights.values()))}
-    for name, w in variants.items():
-        # Down carries the whole model even when only the trainable part comes back (a site must hold all of it).
-        down_weights = w if name in ("float32", "float16") else variants["float16" if "16" in name else "float32"]
-        out[name] = {"up": _bytes(_train_reply(w)) + evaluate_up, "down": 2 * _bytes(_instruction(down_weights))}
+    for name, upload in UPLOADS.items():
+        sent = compact(apply_overrides(cfg, upload), weights)
+        out[name] = {"up": _bytes(_train_reply(sent)) + evaluate_up, "down": down}
     return out
 
 
@@ -135,8 +131,8 @@ def upload_accuracy(root, size: dict, work) -> dict:
     out = {}
     for model in size["auc_models"]:
         out[model] = {}
-        for name, upload in UPLOADS.items():
-            cfg = common.config(root, {"model.name": model, "data.sites": size["sites"], **size["auc_set"], **upload})
+        for name in TRAINED_UPLOADS:
+            cfg = common.config(root, {"model.name": model, "data.sites": size["sites"], **size["auc_set"], **UPLOADS[name]})
             run_dir = work / f"{model}-{name}"
             with common.quiet(work / "apps.log"):
                 federate(cfg, run_dir, "inprocess")

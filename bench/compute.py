@@ -8,7 +8,7 @@ augmentations), the model's loss (with fusion's auxiliary image loss), backward,
 Each setting changes one thing from the defaults (configs/quickstart.yaml's
 train section: batch 32, ``train.threads`` 1, and the layout
 ``shared.models.memory_format`` picks: channels_last for cnn and fusion's CNN,
-the images as the loader makes them for resnet18):
+plain NCHW (``contiguous``) for resnet18, as ``shared.train`` copies them):
 
 * ``threads 2``: ``torch.set_num_threads(2)``, which needs the second core
   idle: with other work on it (a second simulated site, a neighbour's job:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         # The project's own layout for this model (shared.models.memory_format): channels_last for the CNN.
         project = memory_format(build_model(ModelConfig(name=model_name), len(FEATURES), CLASSES))
         default = dataclasses.replace(default, layout="channels_last" if project == torch.channels_last
-                                      else "as loaded")
+                                      else "contiguous")
         settings = [default] + [dataclasses.replace(default, **change) for change in CHANGES
                                 if model_name in size["compile"] or not change.get("compile")]
         results = {s: measure(model_name, s, size["steps"], samples, train) for s in dict.fromkeys(settings)}

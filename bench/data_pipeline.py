@@ -14,9 +14,10 @@
    training loop's own: indexing, uint8 to float, the configured
    augmentations) and its forward, backward and optimiser step timed apart;
    the same with a light HED stain jitter (``train.hed_jitter`` 0.05) on.
-3. The reload per message: a site reloads its split from the cache for every
-   message (client/app.py), against one local update at the quickstart's
-   settings (``train.local_epochs`` passes over the split).
+3. A site's load from the cache: what a ClientApp process pays when it first
+   serves a site (client/app.py keeps the site for later messages; a
+   deployment starts a fresh process each round), against one local update at
+   the quickstart's settings (``train.local_epochs`` passes over the split).
 
 Sizes: tiny: the ``quick`` preset's 2 sites, 3 timed steps; quick: the
 ``brecahad`` preset (3 sites, 162 images; generated once, about 100 s on 2

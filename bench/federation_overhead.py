@@ -24,8 +24,9 @@ round, which adds the final bootstrap intervals, left out from 3 rounds on), end
 (after the last round). The fixed cost per round is a steady round minus plain's.
 Where it goes: in the in-process run, timers wrap the ClientApp's config
 parsing (``from_run_config``), the rest of its per-message site setup
-(``_site``: the data reloaded from the cache), the messages' serialisation and
-the server's checkpoints; a fresh Ray start is timed on its own.
+(``_site``: the site's data, loaded from the cache the first time and kept),
+the messages' serialisation and the server's checkpoints; a fresh Ray start is
+timed on its own.
 
 Sizes (configs/quickstart.yaml on generated ``quick``-preset data): tiny: 2
 sites, 2 rounds of 1 step; quick: 3 sites, 3 rounds of 1 epoch; full: the
@@ -67,7 +68,7 @@ SIZES = {
 TARGET_RATIO = 1.3
 SPOTS = {  # what the in-process run times inside the apps: name -> (module, function)
     "config_parsing": (client_app, "from_run_config"),  # the ClientApp rebuilds the config every message
-    "site_reloading": (client_app, "_site"),  # ... and reloads its site's data from the cache every message
+    "site_reloading": (client_app, "_site"),  # ... and gets its site's data (from the cache once, then kept)
     "serialisation": (inprocess, "_transmitted"),  # each message to protobuf and back, as through a SuperLink
     "checkpoints": (checkpoint, "save"),  # the server's checkpoint after every round
 }

@@ -60,8 +60,8 @@ class CNNEncoder(nn.Module):
 
 
 def memory_format(model: nn.Module) -> torch.memory_format:
-    """The faster layout of image batches for ``model`` on CPU (bench/compute.py): channels_last for the CNN
-    encoder (x1.1-1.3 a training step), the default for ResNet-18, whose GroupNorm it slows (x0.8)."""
+    """The faster layout of image batches for ``model`` on CPU, as bench/compute.py measured it: channels_last
+    for the CNN encoder, plain NCHW for ResNet-18, whose GroupNorm channels_last slows."""
     has_cnn = any(isinstance(m, CNNEncoder) for m in model.modules())
     has_resnet = any(isinstance(m, ResNetEncoder) for m in model.modules())
     return torch.channels_last if has_cnn and not has_resnet else torch.contiguous_format

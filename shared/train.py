@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -82,39 +84,50 @@ def train_epochs(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     layout = memory_format(model)
-    model.to(memory_format=layout).train()
+    model.train()
     total, count, steps = 0.0, 0, 0
     budget = cfg.steps if cfg.steps > 0 else cfg.local_epochs * -(-len(samples) // cfg.batch_size)
-    while steps < budget and len(samples):
-        order = rng.permutation(len(samples))
-        for start in range(0, len(order), cfg.batch_size):
-            if steps == budget:
-                break
-            steps += 1
-            idx = order[start : start + cfg.batch_size]
-            images, ehr, labels = _batch(samples, idx, cfg, gen)
-            loss = model.loss(images.contiguous(memory_format=layout), ehr, labels, loss_fn)
-            total += loss.item() * len(idx)
-            count += len(idx)
-            if anchor is not None:
-                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.to(memory_format=torch.contiguous_format)  # weights leave in the usual layout
+    with _layout(model, layout):
+        while steps < budget and len(samples):
+            order = rng.permutation(len(samples))
+            for start in range(0, len(order), cfg.batch_size):
+                if steps == budget:
+                    break
+                steps += 1
+                idx = order[start : start + cfg.batch_size]
+                images, ehr, labels = _batch(samples, idx, cfg, gen)
+                loss = model.loss(images.contiguous(memory_format=layout), ehr, labels, loss_fn)
+                total += loss.item() * len(idx)
+                count += len(idx)
+                if anchor is not None:
+                    loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     return total / max(count, 1)
+
+
+@contextlib.contextmanager
+def _layout(model: nn.Module, layout: torch.memory_format):
+    """``model`` in ``layout`` inside the block, and back in the usual one after it, whatever happens."""
+    model.to(memory_format=layout)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[np.ndarray, float]:
     """Class probabilities ``(n, K)`` and the mean (unweighted) cross-entropy."""
     layout = memory_format(model)
-    model.to(memory_format=layout).eval()
+    model.eval()
     probs, loss = [], 0.0
-    for start in range(0, len(samples), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(samples)))
-        images, ehr, labels = _batch(samples, idx, None, None)
-        logits = model(images.contiguous(memory_format=layout), ehr)
-        loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        probs.append(torch.softmax(logits, 1).numpy())
+    with _layout(model, layout):
+        for start in range(0, len(samples), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(samples)))
+            images, ehr, labels = _batch(samples, idx, None, None)
+            logits = model(images.contiguous(memory_format=layout), ehr)
+            loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            probs.append(torch.softmax(logits, 1).numpy())
     return (np.concatenate(probs) if probs else np.zeros((0, model.n_classes))), loss / max(len(samples), 1)
