@@ -14,6 +14,10 @@ allocations do not hide another's) for:
   per-sample gradient *norms* without the per-sample gradients, and a second
   backward pass with the clipping factors.
 
+Each mode trains in the project's memory layout: plain in the model's faster one
+(``shared.models.memory_format``: channels_last for cnn), the DP modes in plain
+NCHW, where Opacus' per-sample convolution gradients are right
+(``shared.privacy.dp_batch``).
 It prints each mode's step time over plain's and its memory over plain's, and
 checks each DP mode against ``hooks``: with the noise off, one step's
 privatised gradient must agree to 1e-4 (a mode that is fast but wrong is
@@ -24,7 +28,7 @@ plain's step time for cnn.
 
 Sizes: tiny: cnn, plain and hooks, 2 timed steps; quick: cnn and resnet18,
 plain and hooks, 5 timed steps; full: both models, all four modes, 10 timed
-steps (docs/results/dp_cost.txt's run).
+steps (bench/results/dp_cost.json).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from torch import nn
 from bench import common
 from shared.config import ModelConfig
 from shared.mimic import FEATURES
-from shared.models import build_model
+from shared.models import build_model, memory_format
 
 NAME = "dp_cost"
 MODES = ("plain", "hooks", "functorch", "ghost")
@@ -71,7 +75,12 @@ def _stepper(model_name: str, mode: str, batch: int, noise: float, optimiser=tor
     """A ``step()`` that trains the model one step in ``mode``; and the model's trainable parameters."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=model_name), len(FEATURES), 3)
+    # As the project trains: plain in the model's faster layout (shared.train.fast_layout), DP-SGD in plain
+    # NCHW, the only layout in which Opacus' per-sample convolution gradients are right (privacy.dp_batch).
+    layout = memory_format(model) if mode == "plain" else torch.contiguous_format
+    model.to(memory_format=layout)
     images, ehr, labels = _batch(batch)
+    images = images.contiguous(memory_format=layout)
 
     def per_sample(logits, y):
         return nn.functional.cross_entropy(logits, y, reduction="none")

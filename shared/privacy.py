@@ -47,7 +47,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from shared.cache import write_json
-from shared.config import Config, PrivacyConfig
+from shared.config import Config, PrivacyConfig, TrainConfig
 from shared.data import Samples
 from shared.train import _batch, class_weights
 
@@ -202,6 +202,14 @@ def check_module(model: nn.Module) -> None:
                          + " (use model.resnet_norm: group)")
 
 
+def dp_batch(samples: Samples, idx: np.ndarray, train: TrainConfig, gen: torch.Generator):
+    """A training batch for Opacus: its images in plain NCHW memory. Opacus' per-sample gradients of a
+    convolution come out wrong on a strided view (the loader's NHWC memory through a permute, a rotation)
+    and on channels_last, silently: tests/test_privacy.py checks them against one backward per sample."""
+    images, ehr, labels = _batch(samples, idx, train, gen)
+    return images.contiguous(), ehr, labels
+
+
 def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, seed: int, p: Plan) -> float:
     """``p.steps`` DP-SGD steps on ``samples`` (Adam on the privatised gradient); returns the mean loss."""
     check_module(model)
@@ -221,7 +229,7 @@ def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, se
         # A sum of per-sample losses: each row of grad_sample is then one sample's own gradient.
         return (nn.functional.cross_entropy(logits, labels, reduction="none") * weights[labels]).sum()
 
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    gsm = GradSampleModule(model.to(memory_format=torch.contiguous_format), batch_first=True, loss_reduction="sum")
     params = [q for q in gsm.parameters() if q.requires_grad]
     opt = DPOptimizer(torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay),
                       noise_multiplier=p.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
@@ -237,7 +245,7 @@ def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, se
             opt.zero_grad(set_to_none=True)
             if picks:
                 idx = np.concatenate(picks)
-                images, ehr, labels = _batch(samples, idx, train, gen)
+                images, ehr, labels = dp_batch(samples, idx, train, gen)
                 loss = gsm._module.loss(images, ehr, labels, loss_fn)
                 loss.backward()
                 total += float(loss.detach())

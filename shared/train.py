@@ -83,11 +83,10 @@ def train_epochs(
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(samples.labels, n_classes, cfg.class_weights))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    layout = memory_format(model)
     model.train()
     total, count, steps = 0.0, 0, 0
     budget = cfg.steps if cfg.steps > 0 else cfg.local_epochs * -(-len(samples) // cfg.batch_size)
-    with _layout(model, layout):
+    with fast_layout(model) as layout:
         while steps < budget and len(samples):
             order = rng.permutation(len(samples))
             for start in range(0, len(order), cfg.batch_size):
@@ -108,11 +107,13 @@ def train_epochs(
 
 
 @contextlib.contextmanager
-def _layout(model: nn.Module, layout: torch.memory_format):
-    """``model`` in ``layout`` inside the block, and back in the usual one after it, whatever happens."""
+def fast_layout(model: nn.Module):
+    """``model`` in its faster memory layout (``shared.models.memory_format``) inside the block, which gets the
+    layout to give its image batches; back in the usual layout after it, whatever happens."""
+    layout = memory_format(model)
     model.to(memory_format=layout)
     try:
-        yield
+        yield layout
     finally:
         model.to(memory_format=torch.contiguous_format)
 
@@ -120,10 +121,9 @@ def _layout(model: nn.Module, layout: torch.memory_format):
 @torch.no_grad()
 def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[np.ndarray, float]:
     """Class probabilities ``(n, K)`` and the mean (unweighted) cross-entropy."""
-    layout = memory_format(model)
     model.eval()
     probs, loss = [], 0.0
-    with _layout(model, layout):
+    with fast_layout(model) as layout:
         for start in range(0, len(samples), batch_size):
             idx = np.arange(start, min(start + batch_size, len(samples)))
             images, ehr, labels = _batch(samples, idx, None, None)

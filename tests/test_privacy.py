@@ -328,3 +328,42 @@ def test_central_dp_voids_a_round_with_a_failed_reply_and_goes_on(quick_data, tm
     assert "no release" in first["voided"] and "disk full" in next(iter(first["failed"].values()))
     assert "privacy" not in first and second["privacy"]["releases"] == 1
     assert metrics["privacy"]["central"]["releases"] == 1 and "stopped" not in metrics
+
+
+@pytest.mark.parametrize("name", ["cnn", "fusion"])
+def test_dp_sgd_clips_each_samples_own_gradient(name):
+    """Opacus' per-sample gradients on the batches train_dp builds (flipped, rotated) equal one backward per
+    sample: on the loader's strided views they silently came out wrong, and so did every clipped update."""
+    from opacus import GradSampleModule
+
+    train = dataclasses.replace(load(ROOT / "configs/quickstart.yaml").train, flips=True)
+    rng = np.random.default_rng(0)
+    samples = Samples(rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+                      rng.normal(size=(6, len(FEATURES))).astype(np.float32), np.array([0, 1, 2, 0, 1, 2]),
+                      np.array(list("abcdef")))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name), len(FEATURES), 3).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # the same function for the batch and for each sample
+
+    def loss(logits, labels):
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none").sum()
+
+    def flat(grads):
+        return torch.cat([g.flatten() for g in grads])
+
+    for seed in range(4):  # rotations by 0-270 degrees, flipped or not
+        images, ehr, labels = privacy.dp_batch(samples, np.arange(6), train, torch.Generator().manual_seed(seed))
+        own = []
+        for i in range(6):
+            model.zero_grad()
+            model.loss(images[i : i + 1], ehr[i : i + 1], labels[i : i + 1], loss).backward()
+            own.append(flat(p.grad for p in model.parameters()))
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        gsm._module.loss(images, ehr, labels, loss).backward()
+        per_sample = torch.stack([flat(p.grad_sample[i] for p in model.parameters()) for i in range(6)])
+        gsm.remove_hooks()
+        for p in model.parameters():
+            p.grad_sample = None
+        torch.testing.assert_close(per_sample, torch.stack(own), atol=1e-5, rtol=1e-4)
