@@ -31,7 +31,12 @@ from shared.data import load_folder
 from simulations.synth import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "results"  # the committed full-size results; other sizes in a folder of their own
+
+
+def results_dir(size: str) -> Path:
+    """Where a size's result files go by default: ``bench/results`` (full) or ``bench/results/<size>``."""
+    return RESULTS if size == "full" else RESULTS / size
 DATA = ROOT / "data" / "bench"  # generated once, reused by later runs (data/ never travels with the app)
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 SIZES = ("tiny", "quick", "full")
@@ -46,7 +51,7 @@ def parser(name: str, doc: str, data: bool = True) -> argparse.ArgumentParser:
                     ("full", "the size of the committed results")):
         size.add_argument(f"--{s}", dest="size", action="store_const", const=s, help=what)
     ap.set_defaults(size="quick")
-    ap.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="the JSON file to write")
+    ap.add_argument("--out", type=Path, help="the JSON file to write (default bench/results/[<size>/]<name>.json)")
     if data:
         ap.add_argument("--data", type=Path, default=DATA, help="folder of generated data sets, made when missing")
     return ap
@@ -274,12 +279,13 @@ def write(args: argparse.Namespace, name: str, started: float, settings: dict, f
     result = {"name": name, "size": args.size, "machine": machine(), "settings": settings, "figures": figures,
               "targets": targets, "seconds": round(time.perf_counter() - started, 1)}
     result = _finite(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
+    out = args.out or results_dir(args.size) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    tmp.replace(args.out)
+    tmp.replace(out)
     print_targets(targets)
-    print(f"{name} ({args.size}): {result['seconds']:.0f} s in all; wrote {args.out}")
+    print(f"{name} ({args.size}): {result['seconds']:.0f} s in all; wrote {out}")
     return result
 
 

@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         size.add_argument(f"--{s}", dest="size", action="store_const", const=s)
     ap.set_defaults(size="quick")
     ap.add_argument("--only", help=f"comma-separated benchmarks, of {', '.join(SCRIPTS)}")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="where the result files go")
+    ap.add_argument("--results", type=Path, help="where the result files go (default bench/results for --full, "
+                    "bench/results/<size> otherwise: make bench leaves the committed results alone)")
     ap.add_argument("--data", type=Path, default=common.DATA, help="folder of generated data sets")
     args = ap.parse_args(argv)
+    args.results = args.results or common.results_dir(args.size)
     names = args.only.split(",") if args.only else list(SCRIPTS)
     unknown = sorted(set(names) - set(SCRIPTS))
     if unknown:
