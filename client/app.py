@@ -251,6 +251,7 @@ def shap_importance(msg: Message, context: Context) -> Message:
 def stain_statistics(msg: Message, context: Context) -> Message:
     """The mean stain statistics of this site's tiles and how many: the federated reference's inputs, nothing else."""
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
-    images = (read_image(tile.image) for tile in list_tiles(_images_folder(context)))
-    mean, n = stain.site_statistics(cfg.data.stain_norm, images)
+    folder = _images_folder(context)
+    images = (read_image(tile.image) for tile in list_tiles(folder))
+    mean, n = stain.site_statistics(cfg.data.stain_norm, images, str(folder))
     return Message(RecordDict({"stain": MetricRecord({"mean": mean.tolist(), "images": n})}), reply_to=msg)

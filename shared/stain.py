@@ -58,8 +58,9 @@ def statistics(method: str, image: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(n.HERef).ravel(), n.maxCRef]).astype(np.float64)
 
 
-def site_statistics(method: str, images) -> tuple[np.ndarray, int]:
-    """A site's share of a federated reference: the mean statistics over its images, and how many it used."""
+def site_statistics(method: str, images, where: str = "the site's tiles") -> tuple[np.ndarray, int]:
+    """A site's share of a federated reference: the mean statistics over its images, and how many it used.
+    ``where``: the images' folder, for the error when none has tissue."""
     rows = []
     for image in images:
         try:
@@ -67,7 +68,8 @@ def site_statistics(method: str, images) -> tuple[np.ndarray, int]:
         except (np.linalg.LinAlgError, ValueError, IndexError):  # no tissue to estimate stains from
             continue
     if not rows:
-        raise ValueError(f"stain statistics ({method}): no image with enough tissue")
+        raise ValueError(f"stain statistics ({method}): no image in {where} has enough tissue to estimate its "
+                         "stains; expected H&E tiles (data.stain_reference: shipped needs none from this site)")
     return np.mean(rows, axis=0), len(rows)
 
 
