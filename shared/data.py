@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.brecahad import load_patches
+from shared.brecahad import Patches, load_patches
 from shared.config import DataConfig
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, load_cohort, valid_ids
@@ -106,6 +106,12 @@ def load_cohort_samples(folder: Path, cfg: DataConfig) -> Samples:
                    cohort["label"].to_numpy(np.int64), cohort["subject_id"].astype(str).to_numpy())
 
 
+def folder_patches(folder: Path, cfg: DataConfig, stain_reference: list[float] | None = None) -> Patches:
+    """A hospital folder's patches as ``cfg`` cuts and normalises them, through its cache (one entry per setting)."""
+    return load_patches(Path(folder) / "BreCaHAD", cfg.classes, cfg.patch_size, cfg.border,
+                        cache_dir_for(folder, cfg), normaliser_for(cfg, stain_reference))
+
+
 def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch",
                 stain_reference: list[float] | None = None) -> Samples:
     """Every sample of a hospital folder: patches with their paired EHR vector, or cohort rows (``task="ehr"``).
@@ -117,10 +123,8 @@ def load_folder(folder: Path, cfg: DataConfig, seed: int = 0, task: str = "patch
         raise DataFormatError(f"{folder}: hospital data folder not found")
     if task == "ehr":
         return load_cohort_samples(folder, cfg)
-    cache = cache_dir_for(folder, cfg)
-    patches = load_patches(folder / "BreCaHAD", cfg.classes, cfg.patch_size, cfg.border, cache,
-                           normaliser_for(cfg, stain_reference))
-    cohort = load_cohort(folder / "mimic-iv", cfg.positive, cache).table
+    patches = folder_patches(folder, cfg, stain_reference)
+    cohort = load_cohort(folder / "mimic-iv", cfg.positive, cache_dir_for(folder, cfg)).table
     features = cohort[list(FEATURES)].to_numpy(np.float32)
     row_of = pd.Series(np.arange(len(cohort)), index=cohort["subject_id"].to_numpy())
     if cfg.pairing == "linked":

@@ -99,9 +99,7 @@ def _absolute(cfg: Config) -> Config:
 
 def _ensure_data(cfg: Config) -> None:
     """Generate ``data.root`` with ``data.preset`` if it is absent; check it has the sites the config needs."""
-    from shared.brecahad import load_patches
-    from shared.data import cache_dir_for
-    from shared.stain import normaliser_for
+    from shared.data import folder_patches
     from simulations.synth import synth
 
     root = Path(cfg.data.root)
@@ -118,8 +116,7 @@ def _ensure_data(cfg: Config) -> None:
     folders = sorted(root.glob("site-*")) + ([holdout] if holdout and holdout.is_dir() else [])
     federated_stain = cfg.data.stain_norm != "none" and cfg.data.stain_reference == "federated"  # known at run time
     for folder in folders if task_of(cfg) == "patch" and not federated_stain else []:
-        load_patches(folder / "BreCaHAD", cfg.data.classes, cfg.data.patch_size, cfg.data.border,
-                     cache_dir_for(folder, cfg.data), normaliser_for(cfg.data))
+        folder_patches(folder, cfg.data)
 
 
 def _paper(args: argparse.Namespace) -> int:

@@ -16,10 +16,8 @@ import numpy as np
 import pandas as pd
 
 from shared import learner
-from shared.brecahad import load_patches
 from shared.config import classes_of, load, task_of
-from shared.data import cache_dir_for, load_folder
-from shared.stain import normaliser_for
+from shared.data import folder_patches, load_folder
 
 
 def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path | None]:
@@ -44,8 +42,7 @@ def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path |
         table.to_csv(out, index=False)
         return out, None
     # Same settings, same cache entry: the patches in the order load_folder used.
-    patches = load_patches(folder / "BreCaHAD", cfg.data.classes, cfg.data.patch_size, cfg.data.border,
-                           cache_dir_for(folder, cfg.data), normaliser_for(cfg.data, stain_reference))
+    patches = folder_patches(folder, cfg.data, stain_reference)
     table.insert(0, "annotated", np.array(classes)[patches.labels])
     table.insert(0, "y", patches.points[:, 1])
     table.insert(0, "x", patches.points[:, 0])

@@ -103,13 +103,11 @@ def _run_cell(cfg: Config, work: Path) -> dict:
 
 
 def _warm(folder: Path, cfg: Config) -> None:
-    """Extract (and cache) a folder's patches under one normalisation, before cells share them."""
-    from shared.brecahad import load_patches
-    from shared.data import cache_dir_for
-    from shared.stain import normaliser_for
+    """Extract (and cache) a folder's patches under one normalisation, before cells share them (in a worker:
+    nothing comes back)."""
+    from shared.data import folder_patches
 
-    load_patches(folder / "BreCaHAD", cfg.data.classes, cfg.data.patch_size, cfg.data.border,
-                 cache_dir_for(folder, cfg.data), normaliser_for(cfg.data))
+    folder_patches(folder, cfg.data)
 
 
 def _key(cfg: Config, data: str) -> str:
