@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 
 from client.wire import expand, to_record
 from server.strategy import note_failures
-from shared.config import TREE_STRATEGIES, Config
+from shared.config import TREE_STRATEGIES, Config, compacted_upload
 
 TIMEOUT = 101  # error codes of the replies the server makes up for a site (100: a site's budget_exhausted)
 REJECTED = 102
@@ -85,7 +85,7 @@ def checked(cfg: Config, sent: list[Message], replies: list[Message], reference:
     sent_to = {m.metadata.dst_node_id: m for m in sent}
     ref = {k: v.numpy() for k, v in reference.items()}
     trees = cfg.federation.strategy in TREE_STRATEGIES
-    compacted = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32" or cfg.federation.fedbn
+    compacted = compacted_upload(cfg.federation)
     out, distance = {}, {}
     for node, msg in sent_to.items():
         reply = by_node.get(node)

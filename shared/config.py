@@ -226,15 +226,22 @@ EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
 TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
 
 
+def image_encoder_of(model: ModelConfig) -> str | None:
+    """The model's image encoder (``cnn`` or ``resnet18``), or None for the EHR-only models."""
+    if model.name in ("fusion", "late_fusion"):
+        return model.image_encoder
+    return model.name if model.name in ("cnn", "resnet18") else None
+
+
 def has_batch_norm(model: ModelConfig) -> bool:
     """Whether the model's image encoder normalises with BatchNorm (what FedBN keeps local)."""
-    encoder = model.image_encoder if model.name in ("fusion", "late_fusion") else model.name
+    encoder = image_encoder_of(model)
     return (encoder == "cnn" and model.cnn_norm == "batch") or (encoder == "resnet18" and model.resnet_norm == "batch")
 
 
 def uses_resnet(model: ModelConfig) -> bool:
     """Whether the model has a ResNet-18 encoder (what ``pretrained`` and ``freeze`` act on)."""
-    return model.name == "resnet18" or (model.name in ("fusion", "late_fusion") and model.image_encoder == "resnet18")
+    return image_encoder_of(model) == "resnet18"
 
 
 def focus_class(classes: tuple[str, ...] | list[str]) -> str:
@@ -374,11 +381,15 @@ def _check_secure_aggregation(cfg: Config) -> None:
                           "must stay below SecAgg+'s modulus 2**32; lower it")
 
 
+def compacted_upload(f: FederationConfig) -> bool:
+    """Whether a site's upload is less than the whole float32 model (``client.wire.compact``)."""
+    return f.upload != "all" or f.upload_dtype != "float32" or f.fedbn
+
+
 def _check_privacy(cfg: Config) -> None:
     """One noise setting; central DP: what Flower's accountant covers; local DP-SGD: per-sample gradients."""
     p = cfg.privacy
-    compact = cfg.federation.upload != "all" or cfg.federation.upload_dtype != "float32" or cfg.federation.fedbn
-    if compact and (p.secure_aggregation or (p.mode == "central" and p.clipping == "client")):
+    if compacted_upload(cfg.federation) and (p.secure_aggregation or (p.mode == "central" and p.clipping == "client")):
         raise ConfigError("federation.upload / upload_dtype / fedbn: an upload without some of the model (BatchNorm "
                           "kept at the site under fedbn) or in float16 cannot be masked by privacy.secure_aggregation "
                           "or clipped at the site (privacy.clipping: client), which work on the whole float32 model; "
