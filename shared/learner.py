@@ -8,13 +8,14 @@ which kind of model it federates.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shared import privacy, xgb
-from shared.config import Config, classes_of
+from shared.config import Config, ModelConfig, classes_of
 from shared.data import Samples
 from shared.metrics import log_loss
 from shared.mimic import FEATURES
@@ -54,21 +55,29 @@ def initial_weights(cfg: Config, mean: np.ndarray, std: np.ndarray) -> tuple[Wei
     return _to_weights(model), report
 
 
+@functools.lru_cache(maxsize=8)
+def _names(model: ModelConfig, n_classes: int) -> tuple[frozenset[str], frozenset[str]]:
+    """The torch model's trainable parameters and its BatchNorm layers' weights, from one model built per
+    configuration (sites and the server ask on every message)."""
+    net = build_model(model, len(FEATURES), n_classes)
+    trained = frozenset(name for name, p in net.named_parameters() if p.requires_grad)
+    bn = frozenset(f"{prefix}.{name}" if prefix else name for prefix, m in net.named_modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for name in m.state_dict())
+    return trained, bn
+
+
 def trained_names(cfg: Config) -> set[str]:
     """The weights that training changes: the network's trainable parameters (XGBoost: its one array)."""
     if cfg.model.name == "xgboost":
         return {"0"}
-    model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
-    return {name for name, p in model.named_parameters() if p.requires_grad}
+    return set(_names(cfg.model, len(classes_of(cfg)))[0])
 
 
 def bn_names(cfg: Config) -> set[str]:
     """The weights of the model's BatchNorm layers (statistics, and affine parameters if any): what FedBN keeps local."""
     if cfg.model.name == "xgboost":
         return set()
-    model = build_model(cfg.model, len(FEATURES), len(classes_of(cfg)))
-    return {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for name, _ in m.state_dict().items()}
+    return set(_names(cfg.model, len(classes_of(cfg)))[1])
 
 
 @torch.no_grad()
