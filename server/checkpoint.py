@@ -41,12 +41,8 @@ def strategy_state(strategy) -> dict:
     for k, v in vars(strategy).items():
         if k in WIRING or isinstance(v, types.ModuleType):
             continue
-        if k == "strategy":
-            out[k] = _Nested(strategy_state(v))
-        elif hasattr(v, "__dict__") and not _pickles(v):
-            out[k] = _Nested(strategy_state(v))
-        else:
-            out[k] = v
+        nested = k == "strategy" or (hasattr(v, "__dict__") and not _pickles(v))
+        out[k] = _Nested(strategy_state(v)) if nested else v
     return out
 
 
