@@ -18,8 +18,10 @@ import difflib
 import functools
 import math
 import re
+import sys
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -276,6 +278,105 @@ def classes_of(cfg: Config) -> tuple[str, ...]:
     return cfg.data.classes if task_of(cfg) == "patch" else EHR_CLASSES
 
 
+MAX_NAME = 100  # characters of ``name``: a run folder is <name>-<timestamp>, within every file system's 255 bytes
+# Settings that name a file or folder: an empty one would mean the working directory, a NUL cannot be opened.
+PATH_KEYS = ("data.root", "data.cache_dir", "data.stain_reference", "model.pretrained", "server.eval_data",
+             "privacy.ledger_dir")
+WEEK_S = 7 * 24 * 3600.0
+
+
+def _is_plain_name(name: str) -> bool:
+    """Whether ``name`` is one safe path component: not empty, no separator, no ``..``, no control character."""
+    return (0 < len(name) <= MAX_NAME and ".." not in name and not any(c in "/\\" for c in name)
+            and not any(unicodedata.category(c).startswith("C") for c in name))
+
+
+def _setting(cfg: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. ``train.lr``."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _shown(value: Any) -> str:
+    """A config value as an error message shows it: on one line, and short."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"  # repr of a huge one is long, or refused (4300 digits)
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _one_line(err: Exception) -> str:
+    """An error's text on one line (PyYAML's point at the place on a second one)."""
+    return " ".join(str(err).split())
+
+
+def _distinct(items: tuple[str, ...]) -> bool:
+    return len(set(items)) == len(items)
+
+
+def _ranges(cfg: Config) -> list[tuple[str, bool, str]]:
+    """Every number's bound (and a list's), as (dotted key, whether it holds, what is expected).
+
+    A bound written as ``0 < x < math.inf`` also refuses NaN; upper bounds keep a value within what a
+    machine can run (threads, layer widths, seconds) or what the quantity means (a probability).
+    """
+    d, t, f, m, p = cfg.data, cfg.train, cfg.federation, cfg.model, cfg.privacy
+    return [
+        ("seed", 0 <= cfg.seed < 2**32, "between 0 and 2**32 - 1 (a 32-bit seed)"),
+        ("data.sites", 1 <= d.sites <= 1000, "between 1 and 1000"),
+        ("data.patch_size", 8 <= d.patch_size <= 1024, "between 8 and 1024 (pixels; a patch is cut from a tile)"),
+        ("data.test_fraction", 0 < d.test_fraction < 1, "between 0 and 1"),
+        ("data.alpha", 0 < d.alpha <= 1000, "positive, at most 1000 (beyond it the split is as good as iid)"),
+        ("data.classes", len(d.classes) >= 2 and _distinct(d.classes), "at least 2 classes, each named once"),
+        ("data.positive", len(d.positive) >= 1 and _distinct(d.positive), "at least 1 ICD group, each named once"),
+        ("data.label_map", all(k in BRECAHAD_KEYS and v in (0, 1) for k, v in d.label_map.items()),
+         "BreCaHAD keys mapped to EHR labels 0 or 1"),
+        ("model.image_latent", 1 <= m.image_latent <= 4096, "between 1 and 4096"),
+        ("model.ehr_latent", 1 <= m.ehr_latent <= 4096, "between 1 and 4096"),
+        ("model.hidden", 1 <= m.hidden <= 4096, "between 1 and 4096"),
+        ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
+        ("model.image_aux_weight", 0 <= m.image_aux_weight <= 100, "in [0, 100]"),
+        ("model.xgb_max_depth", 1 <= m.xgb_max_depth <= 32, "between 1 and 32"),
+        ("model.xgb_eta", 0 < m.xgb_eta <= 1, "in (0, 1]"),
+        ("model.xgb_local_rounds", 1 <= m.xgb_local_rounds <= 1000, "between 1 and 1000"),
+        ("train.batch_size", 1 <= t.batch_size <= 65536, "between 1 and 65536"),
+        ("train.local_epochs", 0 <= t.local_epochs <= 1000, "between 0 and 1000"),
+        ("train.local_epochs", t.local_epochs >= 1 or t.steps >= 1, "at least 1 (or train.steps at least 1)"),
+        ("train.steps", 0 <= t.steps <= 1_000_000, "between 0 and 1000000"),
+        ("train.lr", 0 < t.lr <= 10, "positive, at most 10"),
+        ("train.weight_decay", 0 <= t.weight_decay <= 1, "in [0, 1]"),
+        ("train.threads", 1 <= t.threads <= 1024, "between 1 and 1024"),
+        ("train.hed_jitter", 0 <= t.hed_jitter < 1, "in [0, 1)"),
+        ("federation.rounds", 1 <= f.rounds <= 10000, "between 1 and 10000"),
+        ("federation.min_sites", 1 <= f.min_sites <= d.sites, f"between 1 and data.sites ({d.sites})"),
+        ("federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]"),
+        ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
+        ("federation.proximal_mu", 0 <= f.proximal_mu <= 100, "in [0, 100]"),
+        ("federation.server_lr", 0 < f.server_lr <= 10, "positive, at most 10"),
+        ("federation.beta_1", 0 <= f.beta_1 < 1, "in [0, 1)"),
+        ("federation.beta_2", 0 <= f.beta_2 < 1, "in [0, 1)"),
+        ("federation.tau", 0 < f.tau <= 1, "in (0, 1]"),
+        ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
+        ("federation.krum_malicious", 0 <= f.krum_malicious < d.sites, f"between 0 and data.sites - 1 ({d.sites - 1})"),
+        ("federation.round_timeout", 0 < f.round_timeout <= WEEK_S, f"positive, at most {WEEK_S:g} (a week, in seconds)"),
+        ("federation.max_update_ratio", f.max_update_ratio is None or 1 < f.max_update_ratio < math.inf,
+         "above 1 and finite, or null"),
+        ("privacy.epsilon", p.epsilon is None or 0 < p.epsilon <= 1000 or p.epsilon == math.inf,
+         "positive, at most 1000 (.inf: no noise)"),
+        ("privacy.delta", 0 < p.delta < 1, "in (0, 1)"),
+        ("privacy.noise_multiplier", p.noise_multiplier is None or 0 <= p.noise_multiplier <= 1000,
+         "in [0, 1000], or null"),
+        ("privacy.clip_norm", 0 < p.clip_norm < math.inf, "positive and finite"),
+        ("privacy.max_grad_norm", 0 < p.max_grad_norm < math.inf, "positive and finite"),
+        ("privacy.patches_per_patient", 1 <= p.patches_per_patient <= 100_000, "between 1 and 100000"),
+        ("privacy.budget", p.budget is None or p.budget > 0, "positive (.inf: no limit), or null"),
+        ("privacy.audit_fraction", 0 <= p.audit_fraction < 1, "in [0, 1)"),
+        ("privacy.secagg_clipping_range", 0 < p.secagg_clipping_range < math.inf, "positive and finite"),
+        ("privacy.secagg_quantization_range", 2 <= p.secagg_quantization_range < 2**32, "between 2 and 2**32 - 1"),
+        ("report.shap_rows", 0 <= cfg.report.shap_rows <= 1_000_000, "between 0 and 1000000"),
+        ("simulation.cpus_per_site", 0.01 <= cfg.simulation.cpus_per_site <= 1024, "between 0.01 and 1024"),
+    ]
+
+
 def _check(cfg: Config) -> Config:
     """Settings that are valid alone but not together."""
     trees = cfg.federation.strategy in TREE_STRATEGIES
@@ -286,42 +387,18 @@ def _check(cfg: Config) -> Config:
     if cfg.federation.strategy == "xgb_bagging" and cfg.model.xgb_local_rounds != 1:
         raise ConfigError("model.xgb_local_rounds: xgb_bagging appends one tree per site a round "
                           f"(Flower keeps num_parallel_tree trees of each reply); got {cfg.model.xgb_local_rounds}")
-    d, t, f, m = cfg.data, cfg.train, cfg.federation, cfg.model
-    ranges = [
-        ("data.sites", d.sites >= 1, "at least 1"),
-        ("data.patch_size", d.patch_size >= 8, "at least 8"),
-        ("data.test_fraction", 0 < d.test_fraction < 1, "between 0 and 1"),
-        ("data.alpha", d.alpha > 0, "positive"),
-        ("train.batch_size", t.batch_size >= 1, "at least 1"),
-        ("train.local_epochs", t.local_epochs >= 1 or t.steps >= 1, "at least 1 (or train.steps at least 1)"),
-        ("train.steps", t.steps >= 0, "0 or more"),
-        ("train.lr", t.lr > 0, "positive"),
-        ("train.threads", t.threads >= 1, "at least 1"),
-        ("train.hed_jitter", 0 <= t.hed_jitter < 1, "in [0, 1)"),
-        ("federation.rounds", f.rounds >= 1, "at least 1"),
-        ("federation.min_sites", 1 <= f.min_sites <= d.sites, f"between 1 and data.sites ({d.sites})"),
-        ("federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]"),
-        ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
-        ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
-        ("federation.round_timeout", f.round_timeout > 0, "positive (seconds)"),
-        ("report.shap_rows", cfg.report.shap_rows >= 0, "0 or more"),
-        ("federation.max_update_ratio", f.max_update_ratio is None or f.max_update_ratio > 1, "above 1, or null"),
-        ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
-        ("model.image_aux_weight", m.image_aux_weight >= 0, ">= 0"),
-        ("privacy.delta", 0 < cfg.privacy.delta < 1, "in (0, 1)"),
-        ("privacy.max_grad_norm", cfg.privacy.max_grad_norm > 0, "positive"),
-        ("privacy.clip_norm", cfg.privacy.clip_norm > 0, "positive"),
-        ("privacy.patches_per_patient", cfg.privacy.patches_per_patient >= 1, "at least 1"),
-        ("privacy.epsilon", cfg.privacy.epsilon is None or cfg.privacy.epsilon > 0, "positive (.inf: no noise)"),
-        ("privacy.noise_multiplier", (cfg.privacy.noise_multiplier or 0) >= 0, "0 or more"),
-        ("privacy.budget", cfg.privacy.budget is None or cfg.privacy.budget > 0, "positive"),
-        ("privacy.audit_fraction", 0 <= cfg.privacy.audit_fraction < 1, "in [0, 1)"),
-        ("privacy.secagg_clipping_range", cfg.privacy.secagg_clipping_range > 0, "positive"),
-        ("privacy.secagg_quantization_range", cfg.privacy.secagg_quantization_range >= 2, "at least 2"),
-    ]
-    for key, ok, expected in ranges:
+    if not _is_plain_name(cfg.name):
+        raise ConfigError(f"name: expected one folder name (it names the run's folder): 1 to {MAX_NAME} characters, "
+                          f"no '/', '\\', '..' or control characters; got {_shown(cfg.name)}")
+    for key, ok, expected in _ranges(cfg):
         if not ok:
-            raise ConfigError(f"{key}: expected {expected}")
+            raise ConfigError(f"{key}: expected {expected}, got {_shown(_setting(cfg, key))}")
+    for key in PATH_KEYS:
+        value = _setting(cfg, key)
+        if value is not None and (not value or "\0" in value):
+            none = " or null" if _flat_hints()[key] == (str | None) else ""
+            raise ConfigError(f"{key}: expected a path (not empty, no NUL character){none}, got {_shown(value)}")
+    d, m = cfg.data, cfg.model
     unknown = [c for c in d.classes if c not in BRECAHAD_KEYS]
     if unknown:
         raise ConfigError(f"data.classes: {unknown} are not BreCaHAD keys; expected some of {', '.join(BRECAHAD_KEYS)}")
@@ -333,8 +410,12 @@ def _check(cfg: Config) -> Config:
     _check_privacy(cfg)
     for kind in ("crash", "hang", "nan"):
         for i, entry in enumerate(getattr(cfg.faults, kind)):
-            if not re.fullmatch(r"\d+@\d+", entry):
-                raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND (e.g. 1@2: site 1 in round 2), got {entry!r}")
+            site, _, when = entry.partition("@")
+            if not (re.fullmatch(r"[0-9]{1,9}@[0-9]{1,9}", entry) and int(site) < cfg.data.sites
+                    and 1 <= int(when) <= cfg.federation.rounds):
+                raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND, a site in 0..{cfg.data.sites - 1} and a "
+                                  f"round in 1..{cfg.federation.rounds} (e.g. 1@2: site 1 in round 2), got "
+                                  f"{_shown(entry)}")
     if cfg.federation.fedbn and not has_batch_norm(cfg.model):
         raise ConfigError(f"federation.fedbn keeps BatchNorm layers local, and model {cfg.model.name!r} has none: set "
                           "model.cnn_norm: batch (or model.resnet_norm: batch for resnet18). GroupNorm, which "
@@ -441,25 +522,28 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         return _coerce(path, inner, value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {_shown(value)}")
         return build_section(tp, value, path)
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list of {_type_name(item)}, got {value!r}")
+            raise ConfigError(f"{path}: expected a list of {_type_name(item)}, got {_shown(value)}")
         return tuple(_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value))
     if origin is dict:
         ktp, vtp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping of {_type_name(ktp)} to {_type_name(vtp)}, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping of {_type_name(ktp)} to {_type_name(vtp)}, "
+                              f"got {_shown(value)}")
         return {_coerce(f"{path}.<key>", ktp, k): _coerce(f"{path}.{k}", vtp, v) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > sys.float_info.max:
+            raise ConfigError(f"{path}: expected float, got {_shown(value)}, beyond any float")
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {_shown(value)}")
     choices = CHOICES.get(re.sub(r"\[\d+\]$", "[]", path))  # list items share their list's choices
     if choices and value not in choices:
-        raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {_shown(value)}")
     return value
 
 
@@ -505,8 +589,10 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of more than 4300 digits
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     cfg = from_dict(raw, str(path))
@@ -538,8 +624,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         elif isinstance(value, str) and hints[key] is not str:
             try:
                 value = yaml.safe_load(value) if value.strip() else None
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{key}: cannot read {value!r}: {err}") from None
+            except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of more than 4300 digits
+                raise ConfigError(f"{key}: cannot read {_shown(value)}: {_one_line(err)}") from None
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:

@@ -108,3 +108,65 @@ def test_path_overrides_stay_strings():
     cfg = apply_overrides(Config(), {"server.eval_data": "2024-01-01", "data.cache_dir": "yes"})
     assert cfg.server.eval_data == "2024-01-01" and cfg.data.cache_dir == "yes"
     assert apply_overrides(Config(), {"server.eval_data": "null"}).server.eval_data is None
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("data:\n  classes: []\n", r"data\.classes: expected at least 2 classes, each named once, got \[\]"),
+    ("data:\n  classes: [mitosis, tumor, mitosis]\n", r"data\.classes: expected at least 2 classes, each named once"),
+    ("data:\n  positive: []\n", r"data\.positive: expected at least 1 ICD group"),
+    ("data:\n  label_map: {mitosis: 2, tumor: 1, non_tumor: 0}\n",
+     r"data\.label_map: expected BreCaHAD keys mapped to EHR labels 0 or 1"),
+    ("model:\n  hidden: 0\n", r"model\.hidden: expected between 1 and 4096, got 0"),
+    ("model:\n  image_latent: -3\n", r"model\.image_latent: expected between 1 and 4096, got -3"),
+    ("model:\n  xgb_eta: 0\n", r"model\.xgb_eta: expected in \(0, 1\], got 0\.0"),
+    ("train:\n  weight_decay: -0.001\n", r"train\.weight_decay: expected in \[0, 1\], got -0\.001"),
+    ("train:\n  lr: .nan\n", r"train\.lr: expected positive, at most 10, got nan"),
+    ("train:\n  local_epochs: -2\n  steps: 5\n", r"train\.local_epochs: expected between 0 and 1000, got -2"),
+    ("federation:\n  server_lr: -0.01\n", r"federation\.server_lr: expected positive, at most 10, got -0\.01"),
+    ("federation:\n  beta_2: 1.0\n", r"federation\.beta_2: expected in \[0, 1\)"),
+    ("federation:\n  tau: 0\n", r"federation\.tau: expected in \(0, 1\]"),
+    ("federation:\n  round_timeout: .inf\n", r"federation\.round_timeout: expected positive, at most 604800"),
+    ("federation:\n  krum_malicious: 3\n", r"federation\.krum_malicious: expected between 0 and data\.sites - 1 \(2\)"),
+    ("federation:\n  max_update_ratio: .inf\n", r"federation\.max_update_ratio: expected above 1 and finite"),
+    ("privacy:\n  noise_multiplier: .inf\n", r"privacy\.noise_multiplier: expected in \[0, 1000\]"),
+    ("privacy:\n  clip_norm: .inf\n", r"privacy\.clip_norm: expected positive and finite"),
+    ("privacy:\n  secagg_quantization_range: 4294967296\n", r"privacy\.secagg_quantization_range: expected between 2"),
+    ("seed: -1\n", r"seed: expected between 0 and 2\*\*32 - 1 \(a 32-bit seed\), got -1"),
+    ("simulation:\n  cpus_per_site: 0\n", r"simulation\.cpus_per_site: expected between 0\.01 and 1024, got 0\.0"),
+    ("simulation:\n  cpus_per_site: " + "9" * 400 + "\n", r"simulation\.cpus_per_site: expected float, got an integer "
+                                                           r"of \d+ bits, beyond any float"),
+    ("data:\n  sites: " + "9" * 40 + "\n", r"data\.sites: expected between 1 and 1000, got an integer of 133 bits"),
+    ("faults:\n  crash: ['5@1']\n", r"faults\.crash\[0\]: expected SITE@ROUND, a site in 0\.\.2 and a round in 1\.\.6"),
+    ("faults:\n  nan: ['0@0']\n", r"faults\.nan\[0\]: expected SITE@ROUND"),
+    ("data:\n  root: ''\n", r"data\.root: expected a path \(not empty, no NUL character\), got ''"),
+    ("data:\n  cache_dir: \"a\\0b\"\n", r"data\.cache_dir: expected a path \(not empty, no NUL character\) or null"),
+])
+def test_nonsense_values_are_refused_with_the_key_and_what_was_expected(tmp_path, yaml_text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load(write(tmp_path, yaml_text))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "a\\b", "..", "", "run\x00", "tab\there", "new\nline",
+                                  "x" * 101])
+def test_a_name_that_is_not_one_folder_name_is_refused(name):
+    with pytest.raises(ConfigError, match=r"^overrides: name: expected one folder name .* got "):
+        apply_overrides(Config(), {"name": name})
+
+
+def test_plain_names_and_the_bounds_themselves_are_accepted():
+    cfg = apply_overrides(Config(), {
+        "name": "Oslo_2024.v2 (re-run)", "seed": 2**32 - 1, "model.hidden": 4096, "train.weight_decay": 0.0,
+        "federation.server_lr": 10.0, "federation.krum_malicious": 2, "simulation.cpus_per_site": 0.01,
+        "data.classes": ["mitosis", "tumor"], "privacy.epsilon": ".inf", "federation.round_timeout": 604800})
+    assert cfg.name == "Oslo_2024.v2 (re-run)" and cfg.seed == 2**32 - 1 and cfg.privacy.epsilon == float("inf")
+
+
+def test_every_preset_loads():
+    from simulations.paper import PaperConfig, load_experiment
+    from simulations.shift_study import ShiftStudyConfig
+
+    load(ROOT / "configs/quickstart.yaml")
+    for quick in (False, True):
+        load_experiment(ROOT / "configs/paper.yaml", quick, "paper", PaperConfig)
+        load_experiment(ROOT / "configs/shift_study.yaml", quick, "study", ShiftStudyConfig)

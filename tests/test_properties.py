@@ -5,6 +5,7 @@ message names the file (or the config key). Hypothesis generates the inputs;
 each test keeps its example count small so the suite stays fast.
 """
 
+import functools
 import gzip
 import io
 import json
@@ -14,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from shared.brecahad import POINT_KEYS, read_image, read_points
-from shared.config import ConfigError, from_dict, load
+from shared.config import BRECAHAD_KEYS, Config, ConfigError, apply_overrides, flat_keys, from_dict, load, to_dict
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, REQUIRED, build_cohort
 from tests.test_mimic import make_mimic
@@ -169,5 +171,147 @@ def test_config_file_of_any_text(tmp_path, text):
     try:
         load(path)
     except ConfigError as err:
-        assert str(path) in str(err)
+        assert str(path) in str(err) and "\n" not in str(err)
 
+
+
+# What an accepted value must be, stated here (not read from shared/config.py): a count is positive and fits a
+# C int (what torch, Flower and XGBoost take), a rate is finite, a probability lies in its range, a name is one
+# path component. ``v`` is the accepted value, ``c`` the whole config.
+C_INT = 2**31
+
+
+def count(v, c) -> bool:
+    return 1 <= v < C_INT
+
+
+def finite(lo: float, lo_open: bool = False):
+    return lambda v, c: math.isfinite(v) and (v > lo if lo_open else v >= lo)
+
+
+def within(lo: float, hi: float):
+    return lambda v, c: lo <= v <= hi
+
+
+def optional(check):
+    return lambda v, c: v is None or check(v, c)
+
+
+def one_component(v, c) -> bool:
+    """One path component: joined to a folder it stays directly inside it, and no control character."""
+    base = Path("/runs")
+    return (bool(v) and v not in (".", "..") and (base / v).parent == base and "\\" not in v
+            and not any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in v))
+
+
+def a_path(v, c) -> bool:
+    return bool(v) and "\0" not in v
+
+
+def fault_fires(entry: str, c) -> bool:
+    """SITE@ROUND naming a site and a round of this run (another entry would never fire)."""
+    site, at, when = entry.partition("@")
+    return bool(at) and site.isascii() and when.isascii() and site.isdigit() and when.isdigit() and (
+        int(site) < c.data.sites and 1 <= int(when) <= c.federation.rounds)
+
+
+def distinct(allowed: tuple[str, ...] | None = None):
+    return lambda v, c: len(v) >= 1 and len(set(v)) == len(v) and (allowed is None or set(v) <= set(allowed))
+
+
+SANE = {
+    "name": one_component, "seed": lambda v, c: 0 <= v < 2**32,
+    "data.root": a_path, "data.cache_dir": optional(a_path), "data.stain_reference": a_path,
+    "data.sites": count, "data.alpha": finite(0, lo_open=True), "data.patch_size": lambda v, c: 8 <= v < C_INT,
+    "data.leave_out": optional(lambda v, c: 0 <= v < c.data.sites), "data.test_fraction": lambda v, c: 0 < v < 1,
+    "data.classes": distinct(BRECAHAD_KEYS), "data.positive": distinct(),
+    "data.label_map": lambda v, c: all(x in (0, 1) for x in v.values()),
+    "model.image_latent": count, "model.ehr_latent": count, "model.hidden": count, "model.xgb_max_depth": count,
+    "model.xgb_local_rounds": count, "model.dropout": lambda v, c: 0 <= v < 1,
+    "model.image_aux_weight": finite(0), "model.xgb_eta": lambda v, c: 0 < v <= 1,
+    "model.pretrained": optional(a_path),
+    "train.local_epochs": lambda v, c: 0 <= v < C_INT and (v >= 1 or c.train.steps >= 1),
+    "train.steps": lambda v, c: 0 <= v < C_INT, "train.batch_size": count, "train.threads": count,
+    "train.lr": finite(0, lo_open=True), "train.weight_decay": finite(0), "train.hed_jitter": lambda v, c: 0 <= v < 1,
+    "federation.rounds": count, "federation.min_sites": lambda v, c: 1 <= v <= c.data.sites,
+    "federation.fraction_train": lambda v, c: 0 < v <= 1, "federation.fraction_evaluate": within(0, 1),
+    "federation.proximal_mu": finite(0), "federation.server_lr": finite(0, lo_open=True),
+    "federation.beta_1": lambda v, c: 0 <= v < 1, "federation.beta_2": lambda v, c: 0 <= v < 1,
+    "federation.tau": finite(0, lo_open=True), "federation.trim_beta": lambda v, c: 0 <= v < 0.5,
+    "federation.krum_malicious": lambda v, c: 0 <= v < c.data.sites,
+    "federation.round_timeout": finite(0, lo_open=True), "federation.max_update_ratio": optional(finite(1, True)),
+    "server.eval_data": optional(a_path),
+    "privacy.epsilon": optional(lambda v, c: v > 0), "privacy.delta": lambda v, c: 0 < v < 1,
+    "privacy.noise_multiplier": optional(finite(0)), "privacy.clip_norm": finite(0, lo_open=True),
+    "privacy.max_grad_norm": finite(0, lo_open=True), "privacy.patches_per_patient": count,
+    "privacy.budget": optional(lambda v, c: v > 0), "privacy.ledger_dir": optional(a_path),
+    "privacy.audit_fraction": lambda v, c: 0 <= v < 1, "privacy.secagg_clipping_range": finite(0, lo_open=True),
+    "privacy.secagg_quantization_range": lambda v, c: 2 <= v < 2**32,
+    "report.shap_rows": lambda v, c: 0 <= v < C_INT,
+    "simulation.cpus_per_site": finite(0, lo_open=True),
+    **{f"faults.{kind}": lambda v, c: all(fault_fires(e, c) for e in v) for kind in ("crash", "hang", "nan")},
+}
+
+odd_ints = st.integers() | st.sampled_from([0, -1, 1, 2, 7, 8, 2**31, 2**32, 2**63, 10**30, -10**30, 10**400])
+odd_floats = st.floats() | st.sampled_from([0.0, -0.0, -1e-9, 0.5, 1.0, 1e300, math.nan, math.inf, -math.inf])
+odd_strings = st.text(max_size=10) | st.sampled_from(["", ".", "..", "../../x", "a/b", "a\\b", "/abs", "x\0y", "\n",
+                                                      "shipped", "federated", "run-1"])
+names = st.sampled_from(BRECAHAD_KEYS + ("invasive", "in_situ", "history", "bogus")) | st.text(max_size=4)
+faults = st.from_regex(r"\A[0-9]{1,3}@[0-9]{1,3}\Z") | st.sampled_from(["1@2", "0@1", "2@6", "3@1", "0@0", "١@٢"])
+odd_lists = (st.lists(names, max_size=5) | st.lists(st.sampled_from(BRECAHAD_KEYS[:2]), min_size=2, max_size=3)
+             | st.lists(faults, max_size=3))
+odd_maps = st.dictionaries(names, odd_ints | st.sampled_from([0, 1]), max_size=3)
+anything = st.none() | st.booleans() | odd_ints | odd_floats | odd_strings | odd_lists | odd_maps
+
+
+def _default(key: str):
+    return functools.reduce(getattr, key.split("."), Config())
+
+
+def _values_for(key: str):
+    """Values of the key's own kind, mostly; now and then anything at all."""
+    default = _default(key)
+    own = {int: odd_ints, float: odd_floats | odd_ints, str: odd_strings, tuple: odd_lists, dict: odd_maps}
+    kind = own.get(type(default), odd_ints | odd_floats | odd_strings)  # None by default: a number or a path
+    return st.one_of(kind, kind, kind, anything)
+
+
+config_cases = st.sampled_from(sorted(SANE)).flatmap(lambda k: st.tuples(st.just(k), _values_for(k), st.booleans()))
+
+
+def test_every_number_and_list_of_the_config_has_a_stated_bound():
+    numeric = {k for k in flat_keys() if isinstance(_default(k), (int, float, tuple, dict)) and
+               not isinstance(_default(k), bool)}
+    assert numeric <= set(SANE), sorted(numeric - set(SANE))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=config_cases)
+@example(case=("data.classes", [], True))
+@example(case=("data.classes", ["tumor", "tumor"], False))
+@example(case=("model.hidden", 0, True))
+@example(case=("train.weight_decay", -0.5, True))
+@example(case=("federation.server_lr", -0.01, False))
+@example(case=("seed", -1, True))
+@example(case=("simulation.cpus_per_site", 0, True))
+@example(case=("name", "../../x", True))
+@example(case=("train.lr", math.nan, False))
+@example(case=("privacy.clip_norm", math.inf, True))
+@example(case=("federation.round_timeout", 10**400, True))
+def test_a_config_value_is_refused_by_its_key_or_accepted_and_sane(case):
+    """Any value at any key: ConfigError naming the key, or a config whose value holds the bound stated above."""
+    key, value, as_yaml_file = case
+    try:
+        if as_yaml_file:  # the YAML file's route: a nested mapping
+            raw = to_dict(Config())
+            *parents, leaf = key.split(".")
+            functools.reduce(lambda node, k: node[k], parents, raw)[leaf] = value
+            cfg = from_dict(raw, "test.yaml")
+        else:  # the --set / run_config route: text read as YAML for a non-text setting
+            text = value if isinstance(value, str) else yaml.safe_dump(value)
+            cfg = apply_overrides(Config(), {key: text})
+    except ConfigError as err:
+        assert key in str(err) and "\n" not in str(err), str(err)
+        return
+    accepted = functools.reduce(getattr, key.split("."), cfg)
+    assert SANE[key](accepted, cfg), f"{key}: accepted {accepted!r}"
