@@ -18,11 +18,12 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from shared.cache import cached_arrays, fingerprint
@@ -32,6 +33,11 @@ from shared.stain import Normaliser
 
 POINT_KEYS = BRECAHAD_KEYS  # the seven keys of a ground-truth file, in the data set's order
 NAME = re.compile(r"^Case_(\d+)-(\d+)$")
+BRECAHAD_TILE = (1360, 1024)  # width, height of every tile of the real data set
+# 64 megapixels (8192 x 8192): 46 times a BreCaHAD tile, so scans at twice the magnification or of a larger field
+# still read, while a decoded tile (192 MB as uint8 RGB, about 1.5 GB as float during stain normalisation) fits
+# a site's memory. A header claiming more is refused before any pixel is decoded.
+MAX_TILE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ def read_points(path: Path) -> dict[str, np.ndarray]:
         raw = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataFormatError(f"{path}: not valid JSON: {err}") from None
+    except OSError as err:  # a folder, a symlink loop, no permission
+        raise DataFormatError(f"{path}: cannot read the file: {err.strerror}") from None
     if not isinstance(raw, dict):
         raise DataFormatError(f"{path}: expected a JSON object with keys {', '.join(POINT_KEYS)}")
     missing = [k for k in POINT_KEYS if k not in raw]
@@ -101,12 +109,38 @@ def read_points(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def open_tile(path: Path) -> Image.Image:
+    """Open an image for its header, refusing one that claims more than :data:`MAX_TILE_PIXELS` pixels.
+
+    The size is checked before a pixel is decoded, so a crafted header cannot make a site allocate
+    gigabytes; PIL's own decompression-bomb check (a warning at 89 megapixels, an error at 179) is
+    replaced by this one, which names the file and the limit.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the file named
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        im = TiffImagePlugin.TiffImageFile(path)  # beyond PIL's own limit: read the TIFF header for the size
+    width, height = im.size
+    if width * height > MAX_TILE_PIXELS:
+        im.close()
+        side = math.isqrt(MAX_TILE_PIXELS)
+        raise DataFormatError(f"{path}: the image claims {width}x{height} pixels ({width * height / 1e6:.0f} "
+                              f"megapixels); a tile may have at most {MAX_TILE_PIXELS / 1e6:.0f} megapixels "
+                              f"({side}x{side}; BreCaHAD's are {BRECAHAD_TILE[0]}x{BRECAHAD_TILE[1]}): a corrupt or "
+                              "crafted header?")
+    return im
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode a TIFF (uncompressed, LZW, ...) into ``(height, width, 3)`` uint8 RGB."""
     try:
-        with Image.open(path) as im:
+        with open_tile(path) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
+    except DataFormatError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataFormatError(f"{path}: cannot decode the image (truncated or not a TIFF?): {err}") from None
 
@@ -223,9 +257,9 @@ def inspect(folder: Path, classes: tuple[str, ...], patch_size: int, border: str
         for k in POINT_KEYS:
             points[k] += len(pts[k])
         try:
-            with Image.open(tile.image) as im:  # the header is enough to know the size
+            with open_tile(tile.image) as im:  # the header is enough to know the size
                 w, h = im.size
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise DataFormatError(f"{tile.image}: cannot read the image header: {err}") from None
         for cls in classes:
             kept = _centres(pts[cls], w, h, patch_size, border)[2]

@@ -19,13 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.errors import DataFormatError
+
 
 def fingerprint(*parts: object) -> str:
-    """Short hash of settings and files (a ``Path`` contributes its name, size and mtime)."""
+    """Short hash of settings and files (a ``Path`` contributes its name, size and mtime).
+
+    Raises
+    ------
+    DataFormatError
+        A file that cannot be looked at (a dangling link, a symlink loop), naming it.
+    """
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, Path):
-            st = part.stat()
+            try:
+                st = part.stat()
+            except OSError as err:  # a dangling link, a symlink loop, no permission
+                raise DataFormatError(f"{part}: cannot read the file: {err.strerror}") from None
             h.update(f"{part.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         else:
             h.update(repr(part).encode())

@@ -20,7 +20,9 @@ No leakage from the label into the features:
   ever become a feature.
 
 Messy rows are counted and skipped, never fatal: empty ``valuenum``, itemids
-missing from ``d_labitems``, impossible values, malformed blood pressures.
+missing from ``d_labitems``, impossible values, malformed blood pressures. A
+subject_id listed in ``patients`` with conflicting sex, age or anchor year is
+left out (which row is the patient cannot be known), and counted.
 Tables are read with only the needed columns; ``labevents`` in chunks.
 """
 
@@ -142,6 +144,29 @@ def _numeric_ids(df: pd.DataFrame, col: str, skipped: dict[str, int], what: str)
     return df
 
 
+def _one_row_per_subject(patients: pd.DataFrame, skipped: dict[str, int]) -> pd.DataFrame:
+    """``patients`` with one row per subject_id: a repeated row is dropped, a subject whose rows disagree is left out.
+
+    Rows of one subject_id that give another sex, anchor age or anchor year
+    are two people under one id, or a broken merge. Keeping the first (as
+    ``drop_duplicates`` would) gives the model an age or sex that may be the
+    other person's, and their diagnoses and labs, keyed by the same id, cannot
+    be told apart either: the subject is left out, all its rows counted under
+    ``patients_conflicting_duplicates``. Identical rows are counted under
+    ``patients_repeated_rows`` and kept once.
+    """
+    facts = pd.DataFrame({"subject_id": patients["subject_id"],
+                          "sex": patients["gender"].fillna("").str.strip().str.upper(),
+                          "age": pd.to_numeric(patients["anchor_age"], errors="coerce"),
+                          "year": pd.to_numeric(patients["anchor_year"], errors="coerce")})
+    distinct = facts.drop_duplicates()  # NaN equals NaN here: two rows missing the same fact agree
+    conflicting = patients["subject_id"].isin(distinct.loc[distinct["subject_id"].duplicated(), "subject_id"])
+    repeated = ~conflicting & patients["subject_id"].duplicated()
+    skipped["patients_conflicting_duplicates"] = int(conflicting.sum())
+    skipped["patients_repeated_rows"] = int(repeated.sum())
+    return patients.loc[~conflicting & ~repeated]
+
+
 def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")) -> Cohort:
     """Cohort of the MIMIC-IV root ``root`` (the folder holding ``hosp/``)."""
     hosp = Path(root) / "hosp"
@@ -153,7 +178,7 @@ def build_cohort(root: Path, positive: tuple[str, ...] = ("invasive", "in_situ")
     skipped: dict[str, int] = {}
 
     patients = _numeric_ids(_read(hosp, "patients", dtype=str), "subject_id", skipped, "patients_bad_id")
-    patients = patients.drop_duplicates("subject_id")
+    patients = _one_row_per_subject(patients, skipped)
     out = pd.DataFrame({"subject_id": patients["subject_id"].to_numpy()})
     out["gender_male"] = (patients["gender"].str.upper() == "M").astype(float).to_numpy()
     anchor_age = pd.to_numeric(patients["anchor_age"], errors="coerce").to_numpy()
@@ -321,7 +346,7 @@ def load_cohort(root: Path, positive: tuple[str, ...], cache_dir: Path | None) -
     hosp = Path(root) / "hosp"
     if not hosp.is_dir():
         raise DataFormatError(f"{root}: expected a MIMIC-IV root with a hosp/ folder")
-    key = fingerprint("cohort-v2", str(hosp.resolve()), positive, *sorted(hosp.glob("*.csv*")))
+    key = fingerprint("cohort-v3", str(hosp.resolve()), positive, *sorted(hosp.glob("*.csv*")))
 
     def build() -> dict[str, np.ndarray]:
         c = build_cohort(root, positive)

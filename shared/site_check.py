@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.brecahad import NAME, read_image, read_points
+from shared.brecahad import BRECAHAD_TILE, NAME, read_image, read_points
 from shared.config import DataConfig
 from shared.data import linkage_table
 from shared.errors import DataFormatError
@@ -37,8 +37,8 @@ def _rows(table, what: str) -> str:
     return shown + (f" and {len(table) - SHOWN} more" if len(table) > SHOWN else "")
 
 
-def _check_images(folder: Path, classes: tuple[str, ...], report: SiteReport) -> set[str]:
-    """BreCaHAD/: every image decodes and has a valid ground truth; returns the cases seen."""
+def _check_images(folder: Path, classes: tuple[str, ...], patch_size: int, report: SiteReport) -> set[str]:
+    """BreCaHAD/: every image decodes, holds a whole patch and has a valid ground truth; returns the cases seen."""
     images, truth = folder / "images", folder / "groundTruth"
     missing = [d for d in (images, truth) if not d.is_dir()]
     for d in missing:
@@ -53,9 +53,14 @@ def _check_images(folder: Path, classes: tuple[str, ...], report: SiteReport) ->
             continue
         gt = truth / f"{img.stem}.json"
         try:
-            read_image(img)
+            height, width = read_image(img).shape[:2]
         except DataFormatError as err:
             report.problems.append(str(err))
+            continue
+        if min(width, height) < patch_size:  # its patches would be mostly reflected padding, or all dropped
+            report.problems.append(f"{img}: {width}x{height} pixels, smaller than one {patch_size}x{patch_size} "
+                                   "patch (data.patch_size); expected a tile of a slide, such as BreCaHAD's "
+                                   f"{BRECAHAD_TILE[0]}x{BRECAHAD_TILE[1]}")
             continue
         if not gt.is_file():
             report.problems.append(f"{img}: no ground truth; expected {gt}")
@@ -86,7 +91,7 @@ def check_site(folder: Path, cfg: DataConfig) -> SiteReport:
     if not folder.is_dir():
         report.problems.append(f"{folder}: not a folder")
         return report
-    cases = _check_images(folder / "BreCaHAD", cfg.classes, report)
+    cases = _check_images(folder / "BreCaHAD", cfg.classes, cfg.patch_size, report)
 
     mimic = folder / "mimic-iv"
     subjects = None

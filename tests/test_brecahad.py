@@ -1,14 +1,19 @@
 """The BreCaHAD reader on folders fedfuse did not write, and on bad files."""
 
 import json
+import re
+import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from shared.brecahad import POINT_KEYS, extract, inspect, load_patches, read_points
+from shared.brecahad import BRECAHAD_TILE, POINT_KEYS, extract, inspect, load_patches, read_image, read_points
+from shared.config import DataConfig
 from shared.errors import DataFormatError
+from shared.site_check import check_site
 from simulations.cli import main
 
 CLASSES = ("mitosis", "tumor", "non_tumor")
@@ -123,3 +128,74 @@ def test_image_without_ground_truth_and_bad_names(tmp_path):
 def test_cli_reports_data_errors_cleanly(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path), "--json"]) == 2
     assert "neither a BreCaHAD folder" in capsys.readouterr().err
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    """A grayscale TIFF whose header claims ``width`` x ``height`` pixels, with no pixel data behind it."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1),
+            (278, 4, height), (279, 4, width * height % 2**32)]  # (tag, type: 3 SHORT / 4 LONG, value)
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
+    return struct.pack("<2sHI", b"II", 42, 16) + bytes(8) + ifd + struct.pack("<I", 0)
+
+
+def one_line_error(capsys, args: list[str], code: int) -> str:
+    assert main(args) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err + captured.out and len(err.splitlines()) == 1, captured.err
+    return err
+
+
+def test_a_symlink_loop_instead_of_a_tiff_names_the_file(tmp_path, capsys):
+    folder = tmp_path / "BreCaHAD"
+    make_foreign_folder(folder, np.random.default_rng(4))
+    tif = folder / "images" / "Case_1-01.tif"
+    tif.unlink()
+    tif.symlink_to(tif)  # a link to itself: every stat() fails with ELOOP
+    with pytest.raises(DataFormatError, match=r"Case_1-01\.tif: cannot read the file: Too many levels"):
+        load_patches(folder, CLASSES, 16, "reflect", tmp_path / "cache")
+    with pytest.raises(DataFormatError, match=r"Case_1-01\.tif: cannot read the image header"):
+        inspect(folder, CLASSES, 16, "reflect")
+    assert str(tif) in one_line_error(capsys, ["data", "inspect", str(folder), "--json"], 2)
+
+
+def test_a_tiff_header_claiming_60000x60000_pixels_is_refused_before_decoding(tmp_path, capsys):
+    folder = tmp_path / "BreCaHAD"
+    make_foreign_folder(folder, np.random.default_rng(5))
+    tif = folder / "images" / "Case_2-02.tif"
+    tif.write_bytes(tiff_claiming(60000, 60000))
+    claim = r"Case_2-02\.tif: the image claims 60000x60000 pixels \(3600 megapixels\); a tile may have at most 67 "
+    with pytest.raises(DataFormatError, match=claim + r"megapixels \(8192x8192; BreCaHAD's are 1360x1024\)"):
+        read_image(tif)
+    with pytest.raises(DataFormatError, match=claim):
+        load_patches(folder, CLASSES, 16, "reflect", None)
+    with pytest.raises(DataFormatError, match=claim):
+        inspect(folder, CLASSES, 16, "reflect")
+    assert re.search(claim, one_line_error(capsys, ["data", "inspect", str(folder), "--json"], 2))
+    tif.write_bytes(tiff_claiming(9000, 9000))  # below PIL's own limit, above ours
+    with pytest.raises(DataFormatError, match=r"the image claims 9000x9000 pixels"):
+        read_image(tif)
+    tif.write_bytes(tiff_claiming(*BRECAHAD_TILE))  # a real tile's size passes the check; its pixels are missing
+    with pytest.raises(DataFormatError, match=r"Case_2-02\.tif: cannot decode the image"):
+        read_image(tif)
+
+
+def test_site_check_reports_a_tile_smaller_than_a_patch_and_a_claimed_bomb(quick_data, tmp_path, capsys):
+    site = tmp_path / "site"
+    shutil.copytree(quick_data / "site-0", site, ignore=shutil.ignore_patterns(".fedfuse-cache"))
+    tiny, bomb = sorted((site / "BreCaHAD/images").glob("*.tif"))[:2]
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(tiny)
+    bomb.write_bytes(tiff_claiming(60000, 60000))
+    report = check_site(site, DataConfig())
+    assert not report.ok and len(report.problems) == 2, report.problems
+    assert report.problems[0].startswith(f"{tiny}: 1x1 pixels, smaller than one 64x64 patch (data.patch_size)")
+    assert report.problems[1].startswith(f"{bomb}: the image claims 60000x60000 pixels")
+    assert main(["site", "check", str(site)]) == 1
+    assert capsys.readouterr().out.count("problem: ") == 2
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tiny)  # a whole 32 px patch fits: no problem
+    bomb.unlink()
+    (site / "BreCaHAD/groundTruth" / f"{bomb.stem}.json").unlink()
+    assert check_site(site, DataConfig(patch_size=32)).ok
+    assert check_site(site, DataConfig(patch_size=48)).problems == [
+        f"{tiny}: 50x40 pixels, smaller than one 48x48 patch (data.patch_size); expected a tile of a slide, such as "
+        "BreCaHAD's 1360x1024"]

@@ -163,3 +163,19 @@ def test_cohort_command_writes_every_subject(tmp_path, capsys):
     assert main(["data", "inspect", str(root), "--json"]) == 0
     assert '"subjects": 10, "positives": 5' in capsys.readouterr().out
     assert np.isnan(table.set_index("subject_id").loc[5, "lab_creatinine"])
+
+
+def test_a_subject_listed_twice_with_another_age_or_sex_is_left_out_and_counted(tmp_path):
+    reference = build_cohort(make_mimic(tmp_path / "a")).table.set_index("subject_id")
+    root = make_mimic(tmp_path / "b")
+    patients = pd.read_csv(root / "hosp" / "patients.csv.gz", dtype=str, keep_default_na=False)
+    again = patients.set_index("subject_id", drop=False)
+    twice = pd.concat([again.loc[["2"]].assign(anchor_age="70"),  # 2: another age
+                       again.loc[["8"]].assign(gender="F"),  # 8: another sex
+                       again.loc[["5"]].assign(gender=" f", anchor_age="45.0")])  # 5: the same facts, written apart
+    _write(root / "hosp", "patients", pd.concat([twice.iloc[:1], patients, twice.iloc[1:]]))  # before and after
+    cohort = build_cohort(root)
+    t = cohort.table.set_index("subject_id")
+    assert sorted(t.index) == sorted(set(EXPECTED) - {2, 8})
+    assert cohort.skipped["patients_conflicting_duplicates"] == 4 and cohort.skipped["patients_repeated_rows"] == 1
+    pd.testing.assert_frame_equal(t, reference.drop(index=[2, 8]))
