@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import DataConfig
+from shared.errors import DataFormatError
 
 SHIPPED = Path(__file__).resolve().parent / "assets" / "stain_reference.json"
 SHIPPED_IMAGE = SHIPPED.with_suffix(".png")
@@ -91,7 +92,12 @@ def reference_from_image(method: str, path: Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.stain_reference: reference image {path} not found")
-    return statistics(method, np.asarray(Image.open(path).convert("RGB")))
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataFormatError(f"data.stain_reference: cannot read the reference image {path}: {err}") from None
+    return statistics(method, pixels)
 
 
 class Normaliser:

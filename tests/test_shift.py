@@ -98,3 +98,13 @@ def test_a_new_site_estimates_batch_norm_statistics_from_its_own_patches(quick_d
         first = conv(torch.from_numpy(samples.images).permute(0, 3, 1, 2).float() / 255 - 0.5).mean((0, 2, 3))
     np.testing.assert_allclose(adapted["image.features.1.running_mean"], first.numpy(), rtol=1e-4, atol=1e-6)
     assert not np.allclose(weights["image.features.1.running_mean"], adapted["image.features.1.running_mean"])
+
+
+@pytest.mark.parametrize("content", [b"not an image", b"II*\x00" + b"\x00" * 12])
+def test_an_unreadable_reference_image_is_one_error_naming_it(tmp_path, content):
+    from shared.errors import DataFormatError
+
+    path = tmp_path / "reference.tif"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match="reference.tif"):
+        stain.reference_from_image("reinhard", path)
