@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def test_an_update_far_larger_than_the_rounds_median_is_rejected():
     assert "max_update_ratio" in result[2].error.reason
 
 
+def saved(run_dir: Path) -> dict:
+    """The run's checkpoint, read as a resume reads it: checked against the run's own config."""
+    return checkpoint.load(run_dir, load(run_dir / "config.yaml"))
+
+
 def federate(quick_data, tmp_path, overrides: dict) -> dict:
     resume = overrides.pop("resume", "")
     cfg = apply_overrides(_absolute(load(CONFIG)), {
@@ -116,12 +122,12 @@ def test_below_min_sites_the_run_stops_with_a_clear_message(quick_data, tmp_path
 def test_a_stopped_fedadam_run_resumes_from_its_checkpoint_to_the_straight_result(quick_data, tmp_path):
     adam = {"federation.rounds": 3, "federation.strategy": "fedadam"}
     straight = federate(quick_data, tmp_path / "a", adam)
-    state = checkpoint.load(tmp_path / "a" / "run")
+    state = saved(tmp_path / "a" / "run")
     assert state["round"] == 3 and set(state["strategy"]) >= {"m_t", "v_t", "current_arrays"}
     assert state["best_round"] in (1, 2, 3)
     # Both sites fail in round 3, the run stops (min_sites 2) with round 2's checkpoint; the sites recover.
     stopped = federate(quick_data, tmp_path / "b", {**adam, "faults.crash": ["0@3", "1@3"]})
-    assert "stopped" in stopped and checkpoint.load(tmp_path / "b" / "run")["round"] == 2
+    assert "stopped" in stopped and saved(tmp_path / "b" / "run")["round"] == 2
     resumed = federate(quick_data, tmp_path / "b", {**adam, "resume": "true"})
     for m in (straight, resumed):
         m.pop("seconds")
@@ -146,14 +152,14 @@ def test_a_killed_run_resumes_to_the_same_metrics(quick_data, tmp_path, capsys):
     final = metrics["final"]
     assert final["source"] == "central" and 0.0 <= final["macro_auc"] <= 1.0 and 0 <= final["accuracy"] <= 1
     assert set(final["auc"]) == {"mitosis", "tumor", "non_tumor"} and "ci95" in final
-    assert all((straight / f).is_file() for f in ("model.pt", "config.yaml", "checkpoint.pkl", "flower.log"))
+    assert all((straight / f).is_file() for f in ("model.pt", "config.yaml", checkpoint.FILE, "flower.log"))
     assert processes_mentioning(str(straight)) == []  # SuperLink, SuperExec, Ray: all stopped
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", CONFIG, "--out", str(broken),
                              *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.time() + 180
-        while not (broken / checkpoint.FILE).is_file() or checkpoint.load(broken)["round"] < 2:
+        while not (broken / checkpoint.FILE).is_file() or saved(broken)["round"] < 2:
             assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint of round 2"
             time.sleep(0.1)
         for pid in [proc.pid, *processes_mentioning(str(broken))]:  # the crash: every process of the run, at once
@@ -165,7 +171,7 @@ def test_a_killed_run_resumes_to_the_same_metrics(quick_data, tmp_path, capsys):
     finally:
         if proc.poll() is None:
             proc.kill()
-    done = checkpoint.load(broken)["round"]
+    done = saved(broken)["round"]
     assert 2 <= done < 4
     assert main(["simulate", CONFIG, "--out", str(broken), *common]) == 2  # never overwritten without --force
     assert "--resume" in capsys.readouterr().err
@@ -184,7 +190,7 @@ def test_central_dp_accountant_survives_a_checkpoint(quick_data, tmp_path):
 
     metrics = federate(quick_data, tmp_path, {"federation.rounds": 2, "privacy.mode": "central",
                                               "privacy.epsilon": None, "privacy.noise_multiplier": 1.0})
-    state = checkpoint.load(tmp_path / "run")
+    state = saved(tmp_path / "run")
     assert "fraction_train" in state["strategy"]["strategy"]  # the wrapped FedAvg's own state, as attributes
     assert "record" not in state["strategy"]["strategy"]  # its wiring is rebuilt, not restored
     cfg = apply_overrides(load(CONFIG), {"privacy.mode": "central", "privacy.epsilon": None,
@@ -194,3 +200,23 @@ def test_central_dp_accountant_survives_a_checkpoint(quick_data, tmp_path):
     checkpoint.restore_strategy(fresh, state["strategy"])
     spent = fresh.accountant.get_privacy_spent()
     assert spent.num_releases == 2 and spent.epsilon == pytest.approx(metrics["privacy"]["central"]["epsilon"])
+
+
+class Payload:
+    """A pickle that creates ``marker`` when loaded (a crafted checkpoint once ran a shell command this way)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("name", [checkpoint.OLD_FILE, checkpoint.FILE])
+def test_resuming_a_planted_pickle_runs_nothing_and_names_the_file(quick_data, tmp_path, name):
+    marker = tmp_path / "ran"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ValueError, match=str(tmp_path / "run" / name)):
+        federate(quick_data, tmp_path, {"federation.rounds": 2, "resume": "true"})
+    assert not marker.exists()
