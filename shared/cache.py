@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -62,11 +61,6 @@ def cached_arrays(
 def write_json(path: Path, obj: dict) -> None:
     """Write JSON atomically: a crash never leaves half a file."""
     _atomic(Path(path), "w", lambda f: json.dump(obj, f, indent=1, allow_nan=True))
-
-
-def write_pickle(path: Path, obj) -> None:
-    """Pickle atomically: a crash never leaves half a file."""
-    _atomic(Path(path), "wb", lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _atomic(path: Path, mode: str, write: Callable) -> None:
