@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
-import shutil
 import signal
 import sys
 import time
@@ -31,13 +31,14 @@ from shared.config import (
 from shared.errors import DataFormatError
 from simulations.deploy import DeployError
 from simulations.flower import SimulationError
+from simulations.runs import FolderError, check_replaceable, child, clear, hold, mark
 
 
 def _synth(args: argparse.Namespace) -> int:
     from simulations.synth import synth
 
     started = time.time()
-    counts = synth(Path(args.out), args.sites, args.seed, args.preset)
+    counts = synth(Path(args.out), args.sites, args.seed, args.preset, replace=args.force)
     for name, c in counts.items():
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "non_mitosis"))
     print(f"wrote {len(counts)} folders under {args.out} in {time.time() - started:.1f} s")
@@ -75,13 +76,25 @@ def _inspect(args: argparse.Namespace) -> int:
 def _cohort(args: argparse.Namespace) -> int:
     from shared.mimic import build_cohort
 
+    out = csv_path(Path(args.out), "--out")
     cohort = build_cohort(Path(args.mimic))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cohort.table.to_csv(args.out, index=False)
     print(f"wrote {len(cohort.table)} subjects ({int(cohort.table['label'].sum())} positive) to {args.out}")
     if cohort.skipped:
         print("skipped rows: " + ", ".join(f"{k} {v}" for k, v in cohort.skipped.items()))
     return 0
+
+
+def csv_path(path: Path, flag: str) -> Path:
+    """``path`` if a CSV can be written there: not a folder, and its parent not a file."""
+    if path.is_dir():
+        raise FileExistsError(f"{flag} {path}: a folder; expected the path of a CSV file to write, e.g. "
+                              f"{path / 'out.csv'}")
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise FileExistsError(f"{flag} {path}: {next(p for p in path.parents if p.exists() and not p.is_dir())} "
+                              "is a file, not a folder; expected the path of a CSV file to write")
+    return path
 
 
 def _absolute(cfg: Config) -> Config:
@@ -152,7 +165,7 @@ def _loso(args: argparse.Namespace) -> int:
 
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
     _ensure_data(cfg)
-    out = Path(args.out) if args.out else Path("results") / f"loso-{run_name(cfg)}"
+    out = Path(args.out) if args.out else child(Path("results"), f"loso-{run_name(cfg)}", "name")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     run_loso(cfg, out.resolve(), echo=lambda line: print(line, flush=True))
@@ -171,9 +184,13 @@ def _privacy_sweep(args: argparse.Namespace) -> int:
     epsilons = [float(e) for e in args.epsilons.split(",")]
     if any(e <= 0 for e in epsilons):
         raise ValueError(f"--epsilons: expected positive numbers or inf, got {args.epsilons}")
-    out = Path(args.out) if args.out else Path("results") / f"privacy-sweep-{cfg.name}{'-quick' if args.quick else ''}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else child(Path("results"), f"privacy-sweep-{cfg.name}"
+                                                          f"{'-quick' if args.quick else ''}", "name")
     stamp = out / "config.yaml"  # a rerun continues the same sweep, never a different one
+    if out.is_dir() and any(out.iterdir()) and not stamp.is_file():
+        raise FileExistsError(f"--out {out} exists, is not empty and holds no sweep (no config.yaml); choose another "
+                              "--out")
+    out.mkdir(parents=True, exist_ok=True)
     dump(cfg, out / "config.new.yaml")
     if stamp.is_file() and stamp.read_text() != (out / "config.new.yaml").read_text():
         (out / "config.new.yaml").unlink()
@@ -190,7 +207,7 @@ def _privacy_sweep(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from simulations.predict import predict_folder
 
-    out, summary = predict_folder(Path(args.model), Path(args.data_dir), Path(args.out))
+    out, summary = predict_folder(Path(args.model), Path(args.data_dir), csv_path(Path(args.out), "--out"))
     print(f"wrote {out}" + (f" and the per-tile mitotic counts {summary}" if summary else ""))
     return 0
 
@@ -207,46 +224,82 @@ def _same_run(cfg: Config, run_dir: Path) -> None:
                           "resume with the same config and --set options (only federation.rounds may grow)")
 
 
+def _kept(cfg: Config, config_file: str) -> dict[str, str | None]:
+    """What ``--force`` must never delete: the data, the holdout, caches, ledgers, weights, the config itself."""
+    return {"data.root": cfg.data.root, "server.eval_data": cfg.server.eval_data, "data.cache_dir": cfg.data.cache_dir,
+            "privacy.ledger_dir": cfg.privacy.ledger_dir, "model.pretrained": cfg.model.pretrained,
+            "the config file": config_file}
+
+
+def _run_folder(args: argparse.Namespace, cfg: Config) -> tuple[Path, bool]:
+    """The run folder and whether to empty it first (``--force``); checks only, writes nothing."""
+    if args.resume:
+        if args.out or args.seeds or args.force:
+            raise ValueError("--resume RUN_DIR continues that run: it takes no --out, --seeds or --force")
+        run_dir = Path(args.resume).resolve()
+        _same_run(cfg, run_dir)
+        return run_dir, False
+    run_dir = (Path(args.out) if args.out else child(Path("runs"), run_name(cfg), "name")).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir}: a file; expected a folder for the run")
+    if not (run_dir.is_dir() and any(run_dir.iterdir())):
+        return run_dir, False
+    if not args.force:
+        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out, continue it with "
+                              "--resume, or replace it with --force")
+    check_replaceable(run_dir, "run", "--out", _kept(cfg, args.config))
+    return run_dir, True
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
 
     cfg = _absolute(load(args.config, parse_assignments(args.set)))
-    if args.resume:
-        if args.out or args.seeds or args.force:
-            raise ValueError("--resume RUN_DIR continues that run: it takes no --out, --seeds or --force")
-        run_dir = Path(args.resume)
-        _same_run(cfg, run_dir)
-    else:
-        run_dir = Path(args.out) if args.out else Path("runs") / run_name(cfg)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not args.force:
-                raise FileExistsError(f"{run_dir} exists and is not empty; choose another --out, continue it with "
-                                      "--resume, or replace it with --force")
-            shutil.rmtree(run_dir)
+    run_dir, replace = _run_folder(args, cfg)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
     _ensure_data(cfg)
-    run_dir = run_dir.resolve()
     started = time.time()
     finals = {}
-    for seed in seeds:
-        run = dataclasses.replace(cfg, seed=seed)
-        folder = run_dir / f"seed-{seed}" if args.seeds else run_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        dump(run, folder / "config.yaml")
-        run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run),
-                      "resume": "true" if args.resume else ""}
-        print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
-              f"{cfg.federation.rounds} rounds -> {folder}" + (" (resumed)" if args.resume else ""), flush=True)
-        with tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=None) as bar:
-            run_simulation(folder, run_config, cfg.data.sites - (cfg.data.leave_out is not None),
-                           cfg.simulation.cpus_per_site, echo=partial(_echo_round, bar))
-        finals[seed] = json.loads((folder / "metrics.json").read_text())["final"]
-    if args.seeds:
-        summary = seed_summary(finals)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print("over seeds " + ", ".join(map(str, seeds)) + ": "
-              + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()))
-    final = finals[seeds[-1]]
+    with hold(run_dir):
+        if replace:
+            clear(run_dir)
+        mark(run_dir, "run")
+        for seed in seeds:
+            run = dataclasses.replace(cfg, seed=seed)
+            folder = run_dir / f"seed-{seed}" if args.seeds else run_dir
+            with hold(folder) if args.seeds else contextlib.nullcontext():
+                mark(folder, "run")
+                dump(run, folder / "config.yaml")
+                run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run),
+                              "resume": "true" if args.resume else ""}
+                print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
+                      f"{cfg.federation.rounds} rounds -> {folder}" + (" (resumed)" if args.resume else ""),
+                      flush=True)
+                with tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=None) as bar:
+                    run_simulation(folder, run_config, cfg.data.sites - (cfg.data.leave_out is not None),
+                                   cfg.simulation.cpus_per_site, echo=partial(_echo_round, bar))
+            finals[seed] = _trained(folder)["final"]
+        if args.seeds:
+            summary = seed_summary(finals)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            print("over seeds " + ", ".join(map(str, seeds)) + ": "
+                  + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()))
+        return _summarise(folder, finals[seeds[-1]], started)  # the report too is written under the lock
+
+
+def _trained(folder: Path) -> dict:
+    """The run's metrics.json; refuses a run that trained nothing (every site declined, or none answered)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if not any("train_loss" in r or r.get("central") or r.get("federated") for r in metrics.get("rounds", [])):
+        why = metrics.get("stopped") or "no round completed"
+        raise SimulationError(f"the run trained nothing: {why} (metrics: {folder / 'metrics.json'})")
+    if metrics.get("stopped"):
+        print(f"stopped early: {metrics['stopped']}", flush=True)
+    return metrics
+
+
+def _summarise(folder: Path, final: dict, started: float) -> int:
+    """Print the last run's final metrics, its privacy spending and its report."""
     if final["source"] == "none":
         print(f"done in {time.time() - started:.0f} s. No final metrics: no server test set and no site evaluated "
               f"(federation.fraction_evaluate 0?); metrics: {folder / 'metrics.json'}")
@@ -272,10 +325,10 @@ def _echo_round(bar: tqdm, line: str) -> None:
 
 
 def _report(run_dir: Path) -> Path:
-    from simulations.report import build
+    from simulations.report import build, read_metrics
 
     cfg = load(run_dir / "config.yaml")
-    explained = json.loads((run_dir / "metrics.json").read_text()).get("importance")
+    explained = read_metrics(run_dir).get("importance")
     if explained and cfg.report.pooled_reference and not (run_dir / "pooled_reference.json").is_file():
         print("building the report; for its SHAP comparison, training the same model on the pooled data "
               "(report.pooled_reference) ...", flush=True)
@@ -417,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--preset", choices=["quick", "brecahad"], default="quick",
                    help="quick: small, for demos and tests; brecahad: the real data set's size")
+    s.add_argument("--force", action="store_true", help="replace an --out folder that `fedfuse synth` made "
+                   "(any other non-empty folder is refused)")
     s.set_defaults(func=_synth)
 
     d = sub.add_parser("data", help="inspect data or build a cohort")
@@ -543,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so Flower processes are stopped
     try:
         return args.func(args)
-    except (ConfigError, DataFormatError, DeployError, FileExistsError, FileNotFoundError, SimulationError,
-            ValueError) as err:
+    except (ConfigError, DataFormatError, DeployError, FileExistsError, FileNotFoundError, FolderError,
+            SimulationError, ValueError) as err:
         print(f"fedfuse: error: {err}", file=sys.stderr)
         return 2
 

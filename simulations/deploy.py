@@ -50,8 +50,10 @@ from simulations.flower import (
     wait_ready,
     write_connection,
 )
+from simulations.runs import OWNER_ENV, FolderError, child, die_with_parent, hold, is_marked, mark, marker
 
 CERT_DAYS = 825  # the longest lifetime browsers and most TLS stacks still accept for a server certificate
+MAX_CERT_DAYS = 36500  # a century: beyond it, dates near X.509's year 9999 limit overflow
 
 
 class DeployError(RuntimeError):
@@ -86,6 +88,8 @@ def make_certs(out: Path, hosts: list[str], days: int = CERT_DAYS, force: bool =
     """
     if not hosts:
         raise ValueError("--host: give at least one name or address the hospitals will use to reach the SuperLink")
+    if not 1 <= days <= MAX_CERT_DAYS:  # 0 or less would issue a certificate that has already expired
+        raise ValueError(f"--days {days}: expected a validity from 1 to {MAX_CERT_DAYS} days (default {CERT_DAYS})")
     names = []
     for h in hosts:
         try:
@@ -129,6 +133,10 @@ def make_certs(out: Path, hosts: list[str], days: int = CERT_DAYS, force: bool =
 def make_keys(out: Path, names: list[str], force: bool = False) -> list[Path]:
     """A SuperNode key pair per name: ``<name>`` (private, stays at the hospital) and ``<name>.pub`` (to admit)."""
     out = Path(out)
+    for name in names:
+        child(out, name, "--names")  # a key file of that name stays inside --out
+    if len(set(names)) < len(names):
+        raise ValueError(f"--names {','.join(names)}: a name appears twice; expected one key pair per hospital")
     _refuse_overwrite([out / n for n in names] + [out / f"{n}.pub" for n in names], force)
     out.mkdir(parents=True, exist_ok=True)
     publics = []
@@ -249,15 +257,16 @@ class Federation:
         self.helpers: list[int] = []  # process groups the SuperLink's SuperExec leads
 
     def _env(self, name: str) -> dict[str, str]:
-        home = self.folder / name / "flwr-home"
+        home = child(self.folder, name, "site name") / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
-        return flower_env(home, home / "ray")
+        return {**flower_env(home, home / "ray"), OWNER_ENV: str(self.folder)}  # see simulations.runs.hold
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        child(self.folder, name, "site name")  # its log and folder stay inside this federation's folder
         self.echo("$ " + shlex.join(argv))
         log = open(self.folder / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, cwd=self.folder / name, env=self._env(name), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
         log.close()
         self.procs[name] = proc
         return proc
@@ -330,16 +339,28 @@ def deploy_local(out: Path, sites: int = 3, run_config: dict | None = None, echo
     """The whole deployment on this machine: data, certificates, keys, admissions, SuperLink, SuperNodes, a run.
 
     Each hospital reads only its own generated folder ``out/data/site-<k>``;
-    the processes are those a real deployment runs, on 127.0.0.1. Returns the
-    run folder.
+    the processes are those a real deployment runs, on 127.0.0.1. ``out`` must
+    be new, empty or one this function made (it replaces its coordinator's
+    keys): a real coordinator's folder is refused. Returns the run folder.
     """
     from simulations.synth import synth
 
     out = Path(out).resolve()
-    data = out / "data"
-    if not data.is_dir():
-        echo(f"generating {sites} hospitals in {data} ...")
-        synth(data, sites=sites, seed=0, preset="quick")
+    if out.is_dir() and any(out.iterdir()) and not is_marked(out, "deploy"):
+        raise FolderError(f"--out {out}: not empty and not made by `fedfuse deploy local` (no "
+                          f"{marker(out, 'deploy').name} file); a try replaces the certificates and keys in it, so "
+                          "choose a new folder")
+    with hold(out):
+        mark(out, "deploy")
+        data = out / "data"
+        if not data.is_dir():
+            echo(f"generating {sites} hospitals in {data} ...")
+            synth(data, sites=sites, seed=0, preset="quick")
+        return _try_federation(out, data, sites, run_config or {}, echo)
+
+
+def _try_federation(out: Path, data: Path, sites: int, run_config: dict, echo) -> Path:
+    """:func:`deploy_local`'s certificates, keys, admissions, processes and run, in ``out`` (made by it)."""
     names = [f"site-{k}" for k in range(sites)]
     shutil.rmtree(out / "coordinator", ignore_errors=True)  # a try starts with no admissions
     certs = make_certs(out / "coordinator", ["localhost", "127.0.0.1"])
@@ -354,6 +375,6 @@ def deploy_local(out: Path, sites: int = 3, run_config: dict | None = None, echo
             fed.start_supernode(name, data / name, keys / name, _free_port())
         fed.wait_online(admissions, sites)
         run_dir = out / "runs" / time.strftime("deploy-%Y%m%d-%H%M%S")
-        fed.run({"server.eval_data": str(data / "holdout"), "federation.min_sites": sites, **(run_config or {})},
+        fed.run({"server.eval_data": str(data / "holdout"), "federation.min_sites": sites, **run_config},
                 run_dir, echo=echo)
     return run_dir

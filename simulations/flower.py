@@ -7,7 +7,10 @@ with ``FLWR_HOME`` and ``RAY_TMPDIR`` inside the run folder, submits the app
 with ``flwr run``, streams its log, reads the run's status (``flwr run``
 exits 0 even when the run failed) and finally kills the SuperLink's process
 groups: the SuperLink, the SuperExec, ``flwr-simulation`` and Ray, also on
-error or Ctrl-C.
+error or Ctrl-C. If this process is killed outright, the SuperLink and the
+log stream die with it (a parent-death signal) and the watchdog of
+:func:`simulations.runs.hold` stops the rest: every Flower process carries
+``FEDFUSE_RUN=<run folder>`` in its environment.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 import tomli_w
+
+from simulations.runs import OWNER_ENV, die_with_parent, hold, mark
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -120,20 +125,22 @@ def local_superlink_pid(port: int = 39091) -> int | None:
 
 
 def _flwr(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, **kwargs)
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, preexec_fn=die_with_parent(), **kwargs)
 
 
 def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_site: float,
                    echo=print) -> None:
     """Run the app for ``run_config`` with ``num_sites`` simulated SuperNodes; outputs land in ``run_dir``.
 
-    Lines the apps print with the ``[fedfuse]`` prefix are passed to ``echo``;
-    Flower's full log is kept in ``run_dir/flower.log``.
+    Lines the apps print with the ``[fedfuse]`` prefix, and errors, are passed
+    to ``echo``; Flower's full log is kept in ``run_dir/flower.log``. Call it
+    inside :func:`simulations.runs.hold` of ``run_dir`` (or a folder above it),
+    whose watchdog stops these processes if this one is killed.
     """
     home = run_dir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     ray_tmp, own_ray_tmp = ray_tmpdir(run_dir / "ray")
-    env = flower_env(home, ray_tmp)
+    env = {**flower_env(home, ray_tmp), OWNER_ENV: str(run_dir.resolve())}
     port = _free_port()
     write_connection(home, f"127.0.0.1:{port}")
     log_path = run_dir / "flower.log"
@@ -141,7 +148,8 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
         superlink = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"],
-            cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent())
         helpers: list[int] = []  # the SuperExec leads its own session: remember it while the SuperLink lives
         try:
             wait_ready(superlink, f"http://127.0.0.1:{port}/health", log_path)
@@ -182,14 +190,15 @@ def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dic
     except (json.JSONDecodeError, KeyError):
         raise SimulationError(f"flwr run refused the app:\n{sub.stdout}{sub.stderr}") from None
     stream = subprocess.Popen([str(BIN / "flwr"), "log", str(run_id), "fedfuse", "--stream"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=die_with_parent())
     try:
+        screen = ScreenLines()
         for line in stream.stdout:
             log.write(line)
-            if "[fedfuse]" in line:
-                echo(line.split("[fedfuse]", 1)[1].strip())
-            elif "Traceback" in line or "ERROR" in line:
-                echo(line.rstrip())
+            shown = screen(line)
+            if shown is not None:
+                echo(shown)
         stream.wait()
     finally:
         if stream.poll() is None:
@@ -199,6 +208,34 @@ def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dic
         raise SimulationError(f"Flower run {run_id} ended {status['status']}: "
                               f"{status.get('status-details', '')} (full log: {log_path})")
     return run_id
+
+
+class ScreenLines:
+    """Which lines of a Flower log go to the screen: the apps' ``[fedfuse]`` lines and what went wrong.
+
+    An ``ERROR`` line, and of a traceback its first line and its last (the
+    exception and its message: a ServerApp's crash, a site's error), so the
+    cause is on screen, not only in ``flower.log``.
+    """
+
+    def __init__(self) -> None:
+        self.in_traceback = False
+
+    def __call__(self, line: str) -> str | None:
+        """The text to show for ``line``, or None."""
+        text = line.rstrip()
+        if "[fedfuse]" in text:
+            self.in_traceback = False
+            return text.split("[fedfuse]", 1)[1].strip()
+        if "Traceback (most recent call last)" in text:
+            self.in_traceback = True
+            return text
+        if self.in_traceback:
+            if not text or text[0].isspace() or text.startswith(("During handling", "The above exception")):
+                return None
+            self.in_traceback = False
+            return text  # the exception line: its type and message
+        return text if "ERROR" in text else None
 
 
 def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 0.5) -> dict:
@@ -237,7 +274,7 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
     """Run the app for ``cfg`` into ``run_dir``: Flower's simulation engine, or the in-process Grid.
 
     ``data.leave_out`` takes one site out of the federation (``data.sites - 1``
-    SuperNodes).
+    SuperNodes). ``run_dir`` is marked as a run and held (one writer) meanwhile.
     """
     from shared.config import flatten
 
@@ -245,15 +282,16 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
     # Experiments compare metrics: the end-of-run explanations (federated SHAP) are for a run's own report.
     run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg), "report.shap_rows": 0}
     n_sites = cfg.data.sites - (cfg.data.leave_out is not None)
-    if engine == "inprocess":
-        from client.app import app as client_app
-        from server.app import app as server_app
-        from simulations.inprocess import run_server
+    with hold(run_dir):
+        mark(run_dir, "run")
+        if engine == "inprocess":
+            from client.app import app as client_app
+            from server.app import app as server_app
+            from simulations.inprocess import run_server
 
-        run_server(server_app, client_app, run_config, n_sites)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_simulation(run_dir, run_config, n_sites, cfg.simulation.cpus_per_site, echo=echo)
+            run_server(server_app, client_app, run_config, n_sites)
+        else:
+            run_simulation(run_dir, run_config, n_sites, cfg.simulation.cpus_per_site, echo=echo)
 
 
 def flwr_run_local(extra_args: list[str]) -> int:

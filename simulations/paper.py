@@ -92,6 +92,10 @@ def load_experiment(path: Path, quick: bool, section: str, cls: type) -> tuple[C
 def load_paper(path: Path, quick: bool) -> tuple[Config, PaperConfig]:
     """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied."""
     base, paper = load_experiment(path, quick, "paper", PaperConfig)
+    unknown = [m for m in paper.models if m not in MODALITY]  # also what would name a file outside results/cells
+    if unknown:
+        raise ConfigError(f"{path}: paper.models: unknown model(s) {', '.join(map(repr, unknown))}; expected "
+                          f"some of {', '.join(MODALITY)}")
     missing = [m for m in paper.models if m not in paper.budgets]
     if missing:
         raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)}")

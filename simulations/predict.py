@@ -10,14 +10,48 @@ subject with the probability of breast cancer.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from shared import learner
-from shared.config import classes_of, load, task_of
+from shared.config import Config, classes_of, load, task_of
 from shared.data import folder_patches, load_folder
+from shared.errors import DataFormatError
+
+
+def load_model(cfg: Config, run_dir: Path) -> learner.Weights:
+    """The final model of ``run_dir``; a missing, truncated or foreign model file is one error naming it."""
+    path = Path(run_dir) / ("model.json" if cfg.model.name == "xgboost" else "model.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no final model; expected the file `fedfuse simulate` writes when a run "
+                                "ends")
+    try:
+        weights = learner.load(cfg, Path(run_dir))
+        if cfg.model.name != "xgboost":
+            learner.network(cfg, weights)  # the configured model's names and shapes, or a RuntimeError naming them
+    # torch and xgboost raise any of these for a damaged file; the message's first line says what they found.
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, pickle.UnpicklingError) as err:
+        found = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataFormatError(f"{path}: not a readable {cfg.model.name} model ({found}); expected the file "
+                              f"`fedfuse simulate` wrote with {run_dir / 'config.yaml'}") from None
+    broken = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if broken:
+        raise DataFormatError(f"{path}: weight(s) {', '.join(broken[:4])} hold NaN or Inf; expected a trained model")
+    return weights
+
+
+def _stain_reference(metrics: Path) -> list | None:
+    """The stain reference a run trained with, from its ``metrics.json`` (None: no file, or no stain section)."""
+    if not metrics.is_file():
+        return None
+    try:
+        stain = json.loads(metrics.read_text()).get("stain") or {}
+        return stain.get("reference")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise DataFormatError(f"{metrics}: not the JSON object `fedfuse simulate` writes ({err})") from None
 
 
 def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path | None]:
@@ -29,10 +63,10 @@ def predict_folder(run_dir: Path, folder: Path, out: Path) -> tuple[Path, Path |
     cfg = load(run_dir / "config.yaml")
     classes, task = classes_of(cfg), task_of(cfg)
     # The stain reference the run trained with (the federation's, for data.stain_reference: federated).
-    metrics = run_dir / "metrics.json"
-    stain_reference = json.loads(metrics.read_text()).get("stain", {}).get("reference") if metrics.is_file() else None
+    stain_reference = _stain_reference(run_dir / "metrics.json")
+    weights = load_model(cfg, run_dir)
     samples = load_folder(folder, cfg.data, cfg.seed, task, stain_reference)
-    probs, _ = learner.predict(cfg, learner.load(cfg, run_dir), samples)
+    probs, _ = learner.predict(cfg, weights, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({f"p_{c}": probs[:, i] for i, c in enumerate(classes)})
     table.insert(0, "predicted", np.array(classes)[probs.argmax(1)])

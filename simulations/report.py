@@ -18,8 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import classes_of, eval_data_path, focus_class, load, task_of
+from shared.errors import DataFormatError
 from shared.mimic import FEATURES
 
+# What a report reads from metrics.json, and its type (the rest is optional).
+REQUIRED = {"name": str, "model": str, "task": str, "classes": list, "sites": list, "rounds": list, "pairing": str,
+            "final": dict | None}
 MONTAGE = 6  # patches per row (correct / wrong) in a class's Grad-CAM montage
 
 
@@ -206,14 +210,40 @@ def _federated_shap(cfg, run_dir: Path, metrics: dict) -> tuple[str, str]:
                    f"site: {html.escape(json.dumps(importance['rows']))}.</p>{compared}<table>{head}{rows}</table>")
 
 
+def read_metrics(run_dir: Path) -> dict:
+    """``run_dir/metrics.json`` with what a report needs; anything else is one error naming the file and the keys."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; expected a run folder written by `fedfuse simulate`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataFormatError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(metrics, dict):
+        raise DataFormatError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+    missing = [k for k in REQUIRED if k not in metrics]
+    wrong = [k for k, kind in REQUIRED.items() if k in metrics and not isinstance(metrics[k], kind)]
+    if not wrong and not missing and not all(isinstance(r, dict) and isinstance(r.get("round"), int)
+                                             for r in metrics["rounds"]):
+        wrong.append("rounds (each an object with its round number)")
+    if missing or wrong:
+        raise DataFormatError(f"{path}: " + "; ".join(
+            ([f"missing key(s) {', '.join(missing)}"] if missing else [])
+            + ([f"wrong type for {', '.join(wrong)}"] if wrong else []))
+            + "; expected the metrics.json `fedfuse simulate` writes, with "
+            + ", ".join(f"{k} ({getattr(t, '__name__', str(t))})" for k, t in REQUIRED.items()))
+    return metrics
+
+
 def build(run_dir: Path) -> Path:
     """Write ``run_dir/report.html`` from the run's outputs; returns its path."""
     from shared import learner
     from shared.data import load_folder
+    from simulations.predict import load_model
 
     run_dir = Path(run_dir)
     cfg = load(run_dir / "config.yaml")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     classes = tuple(metrics["classes"])
     focus = focus_class(classes)
     final = metrics.get("final") or {"source": "none"}
@@ -232,7 +262,7 @@ def build(run_dir: Path) -> Path:
           "no privacy ledger: this run trained without differential privacy (privacy.mode: none)")
 
     holdout = eval_data_path(cfg)
-    weights = learner.load(cfg, run_dir) if (run_dir / "model.pt").is_file() or (run_dir / "model.json").is_file() \
+    weights = load_model(cfg, run_dir) if (run_dir / "model.pt").is_file() or (run_dir / "model.json").is_file() \
         else None
     why = ("no central test set (server.eval_data: null): ROC curves, Grad-CAM and SHAP plots need rows, and the "
            "sites keep theirs") if holdout is None or not Path(holdout).is_dir() else "no final model in the run folder"
@@ -262,8 +292,8 @@ def build(run_dir: Path) -> Path:
                      '<p class="na">no privacy ledger: privacy.mode none</p>'))
     summary = {k: final.get(k) for k in ("source", "round", "macro_auc", "accuracy", "auc", "ci95") if k in final}
     head = (f"<p>model <b>{html.escape(metrics['model'])}</b> ({html.escape(metrics['task'])} task), sites "
-            f"{html.escape(', '.join(metrics['sites']))}; data {html.escape(str(metrics['data_root']))}, pairing "
-            f"<b>{html.escape(metrics['pairing'])}</b>; pretrained: {html.escape(str(metrics['pretrained']))}</p>"
+            f"{html.escape(', '.join(metrics['sites']))}; data {html.escape(str(metrics.get('data_root')))}, pairing "
+            f"<b>{html.escape(metrics['pairing'])}</b>; pretrained: {html.escape(str(metrics.get('pretrained')))}</p>"
             + (f"<p><b>stopped:</b> {html.escape(metrics['stopped'])}</p>" if metrics.get("stopped") else ""))
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections)
     page = f"""<!doctype html>

@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shared.config import BRECAHAD_KEYS as POINT_KEYS
+from simulations.runs import FolderError, check_replaceable, clear, mark
 from simulations.synth_ehr import Subject, write_hosp
 from simulations.synth_images import STAIN_E, STAIN_H, SiteStyle, TileSpec, render_tile
 
@@ -124,15 +125,28 @@ def _write_site(
     return totals
 
 
-def synth(out: Path, sites: int, seed: int, preset: str = "quick") -> dict[str, dict[str, int]]:
+def synth(out: Path, sites: int, seed: int, preset: str = "quick", replace: bool = False) -> dict[str, dict[str, int]]:
     """Generate ``sites`` hospitals and a holdout under ``out``; returns point counts per folder.
 
-    On a terminal, a progress bar counts the tiles (none in a log).
+    ``out`` must be new or empty, so no hospital's tables or tiles are
+    overwritten or mixed with generated ones; ``replace`` empties it first, but
+    only if ``synth`` made it (its ``.fedfuse-data`` marker). On a terminal, a
+    progress bar counts the tiles (none in a log).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if sites < 1:
         raise ValueError(f"--sites must be at least 1, got {sites}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: a file; expected a new or empty folder for the generated hospitals")
+    if out.is_dir() and any(out.iterdir()):
+        if not replace:
+            raise FolderError(f"--out {out}: not empty; generated hospitals go into a new or empty folder, so no "
+                              "data is overwritten or mixed (--force replaces a folder `fedfuse synth` made)")
+        check_replaceable(out, "data", "--out")
+        clear(out)
+    mark(out, "data")  # first: a half-written folder is still one synth may replace
     p = PRESETS[preset]
     rng = np.random.default_rng(seed)
     styles = [SiteStyle.sample(rng) for _ in range(sites)]

@@ -1,0 +1,247 @@
+"""What a run owns: its folder, the right to write it, and the processes it starts.
+
+* Names the user chose (a run's ``name``, a key's, a site's) become one path
+  component under a known folder, never a path that leaves it (:func:`child`).
+* A folder fedfuse made carries a marker, ``.fedfuse-<kind>``; ``--force``
+  replaces only a folder with the marker of its kind, and never one that holds
+  data, the project or the home folder (:func:`check_replaceable`).
+* One writer per run folder (:func:`hold`): an exclusive ``flock`` on
+  ``<folder>/.fedfuse-lock``, which records the owner's pid and start. The
+  kernel releases it when its holders die, so a dead owner's lock is taken over
+  and a live one's is refused.
+* No process outlives the command that started it. Direct children get a
+  parent-death signal (:func:`die_with_parent`); the rest (the SuperExec, the
+  simulation process, Ray and its workers are grandchildren) carry
+  ``FEDFUSE_RUN=<folder>`` in their environment, and a watchdog started by
+  :func:`hold` kills every such process once its parent is gone. The watchdog
+  shares the lock, so the folder stays locked until they are.
+
+This module imports the standard library only: the watchdog runs it as
+``python -m simulations.runs FOLDER``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCK = ".fedfuse-lock"
+OWNER_ENV = "FEDFUSE_RUN"  # set in every Flower process a run starts: the run folder
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SWEEP_S = 20.0  # the watchdog's limit for stopping what is left
+
+
+class FolderError(RuntimeError):
+    """A folder may not be written or replaced; the message says which and why."""
+
+
+def child(folder: Path, name: str, what: str) -> Path:
+    """``folder / name`` for a ``name`` the user chose (``what`` says where it came from, for the error).
+
+    Refuses a name that is not one plain path component: empty, ``.``,
+    ``..``, or holding a ``/``, a backslash or a NUL.
+    """
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise FolderError(f"{what}: {name!r} is not a plain name; expected letters, digits, '-', '_' or '.', "
+                          "without '/' and not '.' or '..' (it names a file or folder inside "
+                          f"{Path(folder)})")
+    return Path(folder) / name
+
+
+def marker(folder: Path, kind: str) -> Path:
+    """The file that says fedfuse made ``folder`` as a ``kind`` (run, data, deploy, sweep)."""
+    return Path(folder) / f".fedfuse-{kind}"
+
+
+def mark(folder: Path, kind: str) -> None:
+    """Record that fedfuse made ``folder`` as a ``kind``; only such a folder may be replaced later."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        made_by = version("fedfuse")
+    except PackageNotFoundError:
+        made_by = "unknown"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    marker(folder, kind).write_text(json.dumps({"made_by": "fedfuse", "kind": kind, "version": made_by,
+                                                "created": datetime.now().isoformat(timespec="seconds")}) + "\n")
+
+
+def is_marked(folder: Path, kind: str) -> bool:
+    """Whether ``folder`` holds a readable marker of ``kind``."""
+    try:
+        made = json.loads(marker(folder, kind).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(made, dict) and made.get("made_by") == "fedfuse" and made.get("kind") == kind
+
+
+def check_replaceable(folder: Path, kind: str, flag: str, keep: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse to replace ``folder`` unless fedfuse made it as a ``kind`` and it holds nothing in ``keep``.
+
+    ``keep``: what must survive, by name (``data.root``: its path); the
+    project, the home folder and the working directory are always kept.
+    Reads only: nothing is written or deleted.
+    """
+    folder = Path(folder).resolve()
+    always = {"the fedfuse project": PROJECT_ROOT, "the home folder": Path.home(), "the working directory": Path.cwd()}
+    for what, kept in {**(keep or {}), **always}.items():
+        if kept is None or str(kept) == "":
+            continue
+        kept = Path(kept).resolve()
+        if folder == kept or folder in kept.parents:
+            raise FolderError(f"{flag} {folder}: refusing to replace it: it is or holds {what} ({kept}), which "
+                              "must be kept; choose another folder")
+    if not is_marked(folder, kind):
+        raise FolderError(f"{flag} {folder}: refusing to replace it: fedfuse did not make it (no "
+                          f"{marker(folder, kind).name} file); --force replaces only a folder fedfuse made, so choose "
+                          "another folder or empty this one yourself")
+
+
+def clear(folder: Path) -> None:
+    """Delete what ``folder`` holds except its lock (held by the caller, see :func:`hold`)."""
+    for entry in Path(folder).iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies (Linux; else None).
+
+    The signal follows the thread that started the child, so call
+    ``subprocess`` from the thread that lives as long as the run (the main one).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def _lock(folder: Path) -> int:
+    """An fd holding ``folder``'s exclusive lock, with this process recorded as its owner; refuses a live owner."""
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderError(f"{folder}: {_owner(path)}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "started": _start_ticks(os.getpid()),
+                             "since": datetime.now().isoformat(timespec="seconds")}).encode())
+    return fd
+
+
+def _owner(lock: Path) -> str:
+    """Who holds ``lock``, for the refusal."""
+    try:
+        owner = json.loads(lock.read_text())
+        pid, since = int(owner["pid"]), owner["since"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another fedfuse command is writing this folder; wait until it ends"
+    if _start_ticks(pid) == owner.get("started"):
+        return (f"another fedfuse run (pid {pid}, since {since}) is writing this folder; wait until it ends or "
+                f"stop it (kill {pid}), then retry")
+    return (f"the fedfuse run that wrote this folder (pid {pid}, since {since}) has ended and its processes are "
+            "being stopped; retry in a few seconds")
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, it names one process, not a reused pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def hold(folder: Path) -> Iterator[Path]:
+    """Be ``folder``'s one writer while the block runs, and stop what is left of its processes after it.
+
+    Creates ``folder`` if needed. Raises :class:`FolderError` while another
+    live command holds it. A watchdog shares the lock: if this process dies
+    (SIGKILL, the OOM killer), it kills every process whose environment has
+    ``FEDFUSE_RUN`` at or under ``folder``, and only then is the folder free.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = _lock(folder)
+    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
+    try:
+        dog = subprocess.Popen([sys.executable, "-m", "simulations.runs", str(folder)], stdin=subprocess.PIPE,
+                               pass_fds=(fd,), cwd=PROJECT_ROOT, env=env, start_new_session=True)
+        try:
+            yield folder
+        finally:
+            dog.stdin.close()  # the watchdog's signal that the run is over: it sweeps (nothing, normally) and exits
+            dog.wait()
+    finally:
+        os.close(fd)
+
+
+def owned_by(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` was started for a run in ``folder`` (its ``FEDFUSE_RUN`` is at or under it)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    prefix = f"{OWNER_ENV}=".encode()
+    for entry in env:
+        if entry.startswith(prefix):
+            where = Path(entry[len(prefix):].decode(errors="replace"))
+            return where == folder or folder in where.parents
+    return False
+
+
+def sweep(folder: Path, limit_s: float = SWEEP_S) -> list[int]:
+    """SIGKILL every process of a run in ``folder`` until none is left (or ``limit_s``); returns the pids killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        found = [int(p.name) for p in Path("/proc").iterdir()
+                 if p.name.isdigit() and int(p.name) != os.getpid() and owned_by(int(p.name), folder)]
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed += found
+        time.sleep(0.2)  # a killed process's children may appear in the next scan
+    return killed
+
+
+def watch(folder: Path) -> None:
+    """The watchdog: wait until the parent closes stdin or dies, then :func:`sweep` ``folder``."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break
+    sweep(folder)
+
+
+if __name__ == "__main__":
+    watch(Path(sys.argv[1]))

@@ -1,0 +1,274 @@
+"""Run folders: --force replaces only what fedfuse made, one writer per folder, no process outlives its run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import simulations.flower
+from server import checkpoint
+from simulations.cli import main
+from simulations.flower import ScreenLines
+from simulations.runs import (
+    LOCK,
+    FolderError,
+    check_replaceable,
+    child,
+    clear,
+    hold,
+    is_marked,
+    mark,
+    marker,
+)
+from tests.test_e2e import processes_mentioning
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs/quickstart.yaml")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: what must survive a refusal unchanged."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hospital(folder: Path) -> Path:
+    """A stand-in for a hospital's data folder (not made by fedfuse)."""
+    (folder / "BreCaHAD" / "images").mkdir(parents=True)
+    (folder / "BreCaHAD" / "images" / "Case_1-01.tif").write_bytes(b"II*\0 a real slide")
+    (folder / "linkage.csv").write_text("case_id,subject_id\nCase_1,7\n")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/etc", "a\\b", "x\0y"])
+def test_a_name_that_would_leave_its_folder_is_refused(tmp_path, name):
+    with pytest.raises(FolderError, match="not a plain name"):
+        child(tmp_path, name, "name")
+
+
+def test_a_plain_name_stays_inside(tmp_path):
+    assert child(tmp_path, "quickstart-20260101-000000", "name") == tmp_path / "quickstart-20260101-000000"
+
+
+def test_force_refuses_a_folder_fedfuse_did_not_make_and_deletes_nothing(quick_data, tmp_path, capsys):
+    theirs = hospital(tmp_path / "results")
+    before = tree(theirs)
+    data = ["--set", f"data.root={quick_data}", "--set", "data.sites=2"]
+    assert main(["simulate", CONFIG, *data, "--out", str(theirs), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "fedfuse did not make it" in err and marker(theirs, "run").name in err
+    assert tree(theirs) == before
+
+
+@pytest.mark.parametrize("where", ["root", "holding the root", "holdout"])
+def test_force_never_replaces_the_data(quick_data, tmp_path, capsys, where):
+    """Even a data folder with a run's marker planted in it: data.root, a folder above it, the holdout."""
+    data = hospital(tmp_path / "hospital" / "data")
+    (data / "holdout").mkdir()
+    out = {"root": data, "holding the root": data.parent, "holdout": data / "holdout"}[where]
+    mark(out, "run")
+    before = tree(tmp_path)
+    settings = ["--set", f"data.root={data}", "--set", f"server.eval_data={data / 'holdout'}"]
+    assert main(["simulate", CONFIG, *settings, "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "refusing to replace" in err and ("data.root" in err or "server.eval_data" in err)
+    assert tree(tmp_path) == before
+
+
+def test_a_run_folder_is_replaced_whole_but_its_lock_is_kept(tmp_path):
+    run = tmp_path / "run"
+    (run / "seed-0").mkdir(parents=True)
+    (run / "seed-0" / "metrics.json").write_text("{}")
+    (run / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "kept").write_text("not the run's")
+    mark(run, "run")
+    check_replaceable(run, "run", "--out", {"data.root": str(tmp_path / "data")})
+    with hold(run):
+        clear(run)
+        assert [p.name for p in run.iterdir()] == [LOCK]
+    assert (tmp_path / "elsewhere" / "kept").is_file()  # a link inside the run is removed, not followed
+
+
+def test_synth_refuses_a_hospital_folder_even_with_force(tmp_path, capsys):
+    theirs = hospital(tmp_path / "hospital")
+    before = tree(theirs)
+    assert main(["synth", "--out", str(theirs), "--sites", "1"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["synth", "--out", str(theirs), "--sites", "1", "--force"]) == 2
+    assert marker(theirs, "data").name in capsys.readouterr().err
+    assert tree(theirs) == before
+
+
+def test_generated_data_is_marked_as_made_by_synth(quick_data):
+    assert is_marked(quick_data, "data") and not is_marked(quick_data, "run")
+
+
+def test_one_writer_per_folder_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    with hold(run):
+        with pytest.raises(FolderError, match=rf"pid {os.getpid()}\b.*is writing this folder"):
+            with hold(run):
+                pass
+    owner = subprocess.Popen([sys.executable, "-c", "import sys, time; from simulations.runs import hold\n"
+                              "with hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(run)],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        with pytest.raises(FolderError, match=rf"pid {owner.pid}\b"):
+            with hold(run):
+                pass
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.time() + 10
+    while True:  # the watchdog lets go once it has swept
+        try:
+            with hold(run):
+                break
+        except FolderError:
+            assert time.time() < deadline, "a dead owner's lock was never released"
+            time.sleep(0.1)
+
+
+def fake_run(metrics: dict):
+    """A stand-in for the Flower run: writes ``metrics`` as the server would, and nothing else."""
+    def run_simulation(run_dir: Path, run_config: dict, *args, **kwargs) -> None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_simulation
+
+
+def ehr_run(quick_data) -> list[str]:
+    """Settings that need no patch extraction before the (faked) Flower run."""
+    return ["--set", f"data.root={quick_data}", "--set", "data.sites=2", "--set", "model.name=mlp",
+            "--set", "report.shap_rows=0"]
+
+
+def test_a_run_whose_every_site_declined_exits_non_zero_and_says_why(quick_data, tmp_path, monkeypatch, capsys):
+    stopped = "round 1: every site has spent its privacy budget; the run stops with the model of round 0"
+    monkeypatch.setattr(simulations.flower, "run_simulation", fake_run({
+        "rounds": [{"round": 1, "failed": {"site-0": "budget_exhausted: spent", "site-1": "budget_exhausted: spent"}}],
+        "final": {"source": "none"}, "stopped": stopped}))
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedfuse: error: the run trained nothing") and stopped in err and "\n" not in err
+
+
+def test_a_resume_while_another_run_holds_the_folder_is_refused(quick_data, tmp_path, monkeypatch, capsys):
+    """And --force on it too; the same resume goes ahead once the holder is done."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(simulations.flower, "run_simulation", fake_run({"rounds": [], "final": {"source": "none"}}))
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(run)]) == 2  # trained nothing, but made
+    capsys.readouterr()
+    assert is_marked(run, "run") and (run / "config.yaml").is_file()
+    with hold(run):
+        assert main(["simulate", CONFIG, *ehr_run(quick_data), "--resume", str(run)]) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+        assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(run), "--force"]) == 2
+        assert "is writing this folder" in capsys.readouterr().err
+    assert (run / "config.yaml").is_file()
+    monkeypatch.setattr(simulations.flower, "run_simulation", fake_run({
+        "rounds": [{"round": 1, "train_loss": 0.5}], "final": {"source": "none"}}))
+    (run / "stale.txt").write_text("from the run before")
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(run), "--force"]) == 0
+    assert not (run / "stale.txt").exists() and is_marked(run, "run")
+
+
+def test_the_screen_shows_site_errors_and_the_server_apps_exception():
+    log = """INFO :      [ROUND 1]
+[fedfuse] round 1: site site-1 did not train: ClientApp raised ValueError: bad tile
+DEBUG :     pulled 2 messages
+ERROR :     Simulation raised an exception
+Traceback (most recent call last):
+  File "/x/server/app.py", line 10, in main
+    run_rounds(grid)
+ValueError: round 2: NaN in the global model
+INFO :      the end
+"""
+    screen = ScreenLines()
+    shown = [s for s in map(screen, log.splitlines(keepends=True)) if s is not None]
+    assert shown == ["round 1: site site-1 did not train: ClientApp raised ValueError: bad tile",
+                     "ERROR :     Simulation raised an exception", "Traceback (most recent call last):",
+                     "ValueError: round 2: NaN in the global model"]
+
+
+WATCHED = textwrap.dedent("""
+    import subprocess, sys, time
+    from simulations.runs import OWNER_ENV, die_with_parent, hold
+    folder, other = sys.argv[1], sys.argv[2]
+    with hold(folder):
+        child = subprocess.Popen(["sleep", "120"], preexec_fn=die_with_parent(), start_new_session=True)
+        grandchild = subprocess.Popen(["sleep", "121"], env={OWNER_ENV: folder + "/seed-0"}, start_new_session=True)
+        stranger = subprocess.Popen(["sleep", "122"], env={OWNER_ENV: other}, start_new_session=True)
+        print(child.pid, grandchild.pid, stranger.pid, flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_killed_owners_processes_die_with_it_and_no_one_elses(tmp_path):
+    """The parent-death signal for a child; the watchdog for what carries the run folder in its environment."""
+    owner = subprocess.Popen([sys.executable, "-c", WATCHED, str(tmp_path / "run"), str(tmp_path / "other")],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    try:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.time() + 10
+        while any(alive(p) for p in pids[:2]) and time.time() < deadline:
+            time.sleep(0.1)
+        assert [alive(p) for p in pids] == [False, False, True]
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def alive(pid: int) -> bool:
+    """Running (a killed process waiting for its parent to reap it is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+def test_a_killed_simulate_leaves_no_process_and_its_folder_is_refused_while_held(quick_data, tmp_path, capsys):
+    """`fedfuse simulate` alone is SIGKILLed after round 1 (as the OOM killer does): nothing it started lives on."""
+    common = ["--set", f"data.root={quick_data}", "--set", f"server.eval_data={quick_data / 'holdout'}",
+              "--set", "data.sites=2", "--set", "train.steps=1", "--set", "federation.rounds=20",
+              "--set", "data.patch_size=32", "--set", "report.shap_rows=0", "--set", "model.name=cnn"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", CONFIG, "--out", str(run), *common],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("round  1/"):
+                break
+        else:
+            pytest.fail(f"the run ended before round 1 (exit {proc.wait()})")
+        deadline = time.time() + 60
+        while not (run / checkpoint.FILE).is_file():
+            assert time.time() < deadline, "no checkpoint after round 1"
+            time.sleep(0.1)
+        started = processes_mentioning(str(run))
+        assert len(started) >= 4  # SuperLink, SuperExec, simulation, Ray, the log stream, the watchdog
+        assert main(["simulate", CONFIG, "--resume", str(run), *common]) == 2
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while processes_mentioning(str(run)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert processes_mentioning(str(run)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with hold(run):  # free again: the next --resume may take it
+        pass
