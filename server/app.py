@@ -6,33 +6,44 @@ so a run can resume from its checkpoint and every reply is checked (with
 server/secagg.py, which neither checkpoints nor resumes). This module adds what
 happens around it: one query round for the EHR feature statistics (sites
 share sums, never rows), evaluation on the server's own held-out set when it
-has one, ``metrics.json`` and ``checkpoint.pkl`` after every round, and the
-final model.
+has one, ``metrics.json`` and a checkpoint after every round, and the final
+model.
+
+Every query's replies are checked as training replies are: a site whose
+statistics reply is an error, or whose name, split sizes or sums do not hold
+up, is left out of the run with one printed line saying why; a site's bad
+stain or SHAP reply is left out of that aggregate. The run goes on while
+``federation.min_sites`` remain.
 """
 
 from __future__ import annotations
 
 import time
+import unicodedata
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from client.wire import STAIN_REFERENCE, from_record, to_record
 from server import checkpoint, secagg
-from server.loop import TooFewSites, run_rounds
+from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, run_rounds
 from server.record import RunRecord
-from server.strategy import BudgetSpent, build_strategy
+from server.strategy import BudgetSpent, build_strategy, site_error
 from shared import explain, learner, stain
 from shared.config import Config, classes_of, dump, eval_data_path, focus_class, from_run_config, run_name, task_of
-from shared.data import load_folder, pooled_moments
+from shared.data import Samples, load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
 from shared.mimic import FEATURES
 
 APP_ROOT = Path(__file__).resolve().parent.parent
+MAX_NAME = 100  # characters of a site name
+MAX_EHR_VALUE = 1e6  # no EHR feature (shared/mimic.py: age, vitals, lab values, flags) comes near it in its unit
 app = ServerApp()
 
 
@@ -42,31 +53,120 @@ def _run_dir(cfg: Config, given: str) -> Path:
     return run_dir
 
 
-def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict]]:
-    """Ask every site for its EHR sums; returns node -> site name and the statistics.
+def _site_name(reply: Message, taken: dict[int, str]) -> str:
+    """The name a site reports, if a hospital's reports and files can carry it: one a site, nothing a path or a
+    terminal would read as more than a name. A name another node took first (in node order) is refused rather than
+    renamed: two nodes with one name are the same hospital joined twice (its patients counted, its privacy budget
+    spent twice) or one posing as another, and either needs its IT team, not a suffix."""
+    site = reply.content.config_records.get("site")
+    name = site.get("name") if site is not None else None
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        raise ValueError(f"site name {name!r}: expected a non-empty string of at most {MAX_NAME} characters "
+                         "(ConfigRecord 'site', key 'name')")
+    if any(part in name for part in ("/", "\\", "..")) or any(unicodedata.category(c).startswith("C") for c in name):
+        raise ValueError(f"site name {name!r}: expected no '/', '\\', '..' or control characters (a node's "
+                         "site-name names the hospital in reports and files)")
+    owner = next((node for node, taken_name in taken.items() if taken_name == name), None)
+    if owner is not None:
+        raise ValueError(f"site name {name!r} is node {owner}'s already: each site needs its own site-name")
+    return name
 
-    Each site's statistics include ``examples``, the size of its training
-    split: what SecAgg+'s ``max_weight`` must cover.
+
+def _ehr_sums(reply: Message, examples: int) -> dict[str, np.ndarray]:
+    """The site's per-feature count, sum and sum of squares, checked against ``examples`` and each other."""
+    record, n = reply.content.metric_records.get("stats"), len(FEATURES)
+    sums = {}
+    for k in ("count", "sum", "sumsq"):
+        value = record.get(k) if record is not None else None
+        if not isinstance(value, list) or len(value) != n:
+            raise ValueError(f"stats {k!r}: expected a list of {n} numbers, one per EHR feature (MetricRecord 'stats')")
+        sums[k] = np.asarray(value, np.float64)
+        if not np.isfinite(sums[k]).all():
+            raise ValueError(f"stats {k!r} holds NaN or Inf")
+    count, total, squares = sums["count"], sums["sum"], sums["sumsq"]
+    if ((count < 0) | (count > examples) | (count != np.round(count))).any():
+        raise ValueError(f"stats 'count': expected whole numbers from 0 to the site's {examples} training examples")
+    # An honest site's sums obey Cauchy-Schwarz (sum^2 <= count * sumsq) and no EHR value is beyond MAX_EHR_VALUE.
+    if ((squares < 0) | (squares > count * MAX_EHR_VALUE**2) | (total**2 > count * squares * (1 + 1e-9) + 1e-9)).any():
+        raise ValueError(f"stats 'sum' and 'sumsq' do not fit 'count': expected sums of values within "
+                         f"+-{MAX_EHR_VALUE:g}, with sum^2 <= count * sumsq")
+    return sums
+
+
+def _declared(reply: Message) -> Declared:
+    """The split sizes a site reports with its statistics: the bounds of its later replies' ``num-examples``."""
+    site = reply.content.config_records["site"]
+    examples, test = as_count(site.get("examples")), site.get("test-examples")
+    if examples is None or examples < 1:
+        raise ValueError(f"examples {site.get('examples')!r}: expected a positive integer (the training split's size)")
+    if test is not None and (as_count(test) is None or as_count(test) < 0):
+        raise ValueError(f"test-examples {test!r}: expected a whole number (the test split's size)")
+    return Declared(examples, as_count(test) if test is not None else None)
+
+
+def _ask(grid: Grid, messages: list[Message], timeout: float, what: str, parse: Callable[[Message], Any],
+         label: Callable[[int], str]) -> tuple[dict[int, Any], list[str]]:
+    """Each site's answer to ``messages``, ``parse``d (node -> answer, in node order), and why the others were
+    left out: one printed line a site, with the site's own error where it failed (not only in flower.log)."""
+    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
+    answers, problems = {}, []
+    for node in sorted(m.metadata.dst_node_id for m in messages):
+        reply = replies.get(node)
+        if reply is None:
+            reason = f"no reply within {timeout:g} s"
+        elif reply.has_error():
+            reason = site_error(reply.error.reason)
+        else:
+            try:
+                answers[node] = parse(reply)
+                continue
+            except ValueError as err:
+                reason = str(err)
+        problems.append(f"{label(node)}: {reason}")
+        print(f"[fedfuse] site {label(node)} left out of {what}: {reason}", flush=True)
+    return answers, problems
+
+
+def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict], dict[int, Declared]]:
+    """Ask every site for its EHR sums: node -> site name, the sums, and what each site declared.
+
+    A site whose reply is an error or fails a check (its name, its split sizes, the sums' lengths, finiteness and
+    consistency) is left out of the run, with its reason printed; the run goes on while
+    ``federation.min_sites`` remain.
     """
     deadline = time.time() + 120
     nodes = list(grid.get_node_ids())
     while len(nodes) < cfg.federation.min_sites and time.time() < deadline:
         time.sleep(1)
         nodes = list(grid.get_node_ids())
+    names: dict[int, str] = {}
+
+    def parse(reply: Message) -> tuple[dict[str, np.ndarray], Declared]:
+        name = _site_name(reply, names)
+        names[reply.metadata.src_node_id] = name  # from here on, the printed lines name the site
+        declared = _declared(reply)
+        return _ehr_sums(reply, declared.examples), declared
+
     messages = [Message(RecordDict(), message_type="query.ehr_stats", dst_node_id=n) for n in nodes]
-    names, stats = {}, []
-    for reply in grid.send_and_receive(messages, timeout=600):
-        if reply.has_error():
-            print(f"[fedfuse] site {reply.metadata.src_node_id} failed to report statistics: {reply.error.reason}",
-                  flush=True)
-            continue
-        names[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
-        s = reply.content["stats"]
-        stats.append({**{k: np.asarray(s[k], np.float64) for k in ("count", "sum", "sumsq")},
-                      "examples": int(reply.content["site"]["examples"])})
-    if len(stats) < cfg.federation.min_sites:
-        raise RuntimeError(f"only {len(stats)} site(s) answered; federation.min_sites is {cfg.federation.min_sites}")
-    return names, stats
+    answers, problems = _ask(grid, messages, 600, "the run", parse, lambda node: names.get(node, f"node {node}"))
+    if len(answers) < cfg.federation.min_sites:
+        raise RuntimeError(f"only {len(answers)} site(s) answered with usable statistics; federation.min_sites is "
+                           f"{cfg.federation.min_sites}" + "".join(f"; {p}" for p in problems))
+    return ({node: names[node] for node in answers}, [sums for sums, _ in answers.values()],
+            {node: declared for node, (_, declared) in answers.items()})
+
+
+def _shap_part(reply: Message, cfg: Config) -> tuple[np.ndarray, int]:
+    """A site's mean |SHAP| per EHR feature and its row count, checked."""
+    record, n = reply.content.metric_records.get("shap"), len(FEATURES)
+    mean_abs, rows = (record.get("mean-abs"), as_count(record.get("rows"))) if record is not None else (None, None)
+    if not isinstance(mean_abs, list) or len(mean_abs) != n or not np.all(np.isfinite(mean_abs)) \
+            or min(mean_abs) < 0:
+        raise ValueError(f"shap 'mean-abs': expected {n} finite numbers >= 0, one per EHR feature")
+    if rows is None or not 1 <= rows <= cfg.report.shap_rows:
+        raise ValueError(f"shap 'rows' {record.get('rows')!r}: expected a whole number from 1 to "
+                         f"{cfg.report.shap_rows} (report.shap_rows)")
+    return np.asarray(mean_abs, np.float64), rows
 
 
 def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord, cfg: Config,
@@ -74,16 +174,10 @@ def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord
     """Federated SHAP: each site's mean |SHAP| per feature and row count, combined by row count."""
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(message_config)}),
                         message_type="query.shap", dst_node_id=n) for n in names]
-    parts, rows = [], {}
-    for reply in sorted(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout),
-                        key=lambda m: names.get(m.metadata.src_node_id, "")):
-        name = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
-        if reply.has_error():
-            print(f"[fedfuse] site {name} could not explain the model: {reply.error.reason}", flush=True)
-            continue
-        shap_record = reply.content["shap"]
-        parts.append((np.asarray(shap_record["mean-abs"]), int(shap_record["rows"])))
-        rows[name] = int(shap_record["rows"])
+    answers, _ = _ask(grid, messages, cfg.federation.round_timeout, "federated SHAP",
+                      lambda reply: _shap_part(reply, cfg), names.get)
+    order = sorted(answers, key=names.get)
+    parts = [answers[node] for node in order]
     if not parts:
         return {}
     mean_abs = explain.combine(parts)
@@ -91,54 +185,82 @@ def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord
     print("[fedfuse] federated SHAP, mean |SHAP| for " + focus_class(classes_of(cfg)) + ": "
           + ", ".join(f"{f} {v:.3f}" for f, v in ranked[:5]), flush=True)
     return {"method": "TreeExplainer" if cfg.model.name == "xgboost" else "DeepExplainer (mean patient reference)",
-            "class": focus_class(classes_of(cfg)), "rows": rows, "mean_abs_shap": dict(ranked)}
+            "class": focus_class(classes_of(cfg)), "rows": {names[node]: answers[node][1] for node in order},
+            "mean_abs_shap": dict(ranked)}
+
+
+def _stain_part(reply: Message, method: str) -> tuple[np.ndarray, int]:
+    """A site's mean stain statistics and its image count, checked."""
+    record, n = reply.content.metric_records.get("stain"), len(stain.shipped(method))
+    mean, images = (record.get("mean"), as_count(record.get("images"))) if record is not None else (None, None)
+    if not isinstance(mean, list) or len(mean) != n or not np.all(np.isfinite(mean)):
+        raise ValueError(f"stain 'mean': expected {n} finite numbers ({method} statistics)")
+    if images is None or images < 1:
+        raise ValueError(f"stain 'images' {record.get('images')!r}: expected a positive whole number")
+    return np.asarray(mean, np.float64), images
 
 
 def _federated_stain_reference(grid: Grid, names: dict[int, str], cfg: Config) -> tuple[list[float], dict[str, int]]:
     """The federation's stain reference: each site's mean tile statistics, weighted by its tile count."""
     messages = [Message(RecordDict(), message_type="query.stain", dst_node_id=n) for n in names]
-    parts, images = [], {}
-    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
-        name = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
-        if reply.has_error():
-            print(f"[fedfuse] site {name} sent no stain statistics: {reply.error.reason}", flush=True)
-            continue
-        parts.append((np.asarray(reply.content["stain"]["mean"]), int(reply.content["stain"]["images"])))
-        images[name] = int(reply.content["stain"]["images"])
-    if not parts:
-        raise RuntimeError("data.stain_reference: federated, but no site sent stain statistics")
-    return stain.combine(parts).tolist(), dict(sorted(images.items()))
+    answers, _ = _ask(grid, messages, cfg.federation.round_timeout, "the stain reference",
+                      lambda reply: _stain_part(reply, cfg.data.stain_norm), names.get)
+    if not answers:
+        raise RuntimeError("data.stain_reference: federated, but no site sent usable stain statistics")
+    return stain.combine(list(answers.values())).tolist(), dict(sorted((names[n], k) for n, (_, k) in answers.items()))
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(dict(context.run_config), APP_ROOT)
-    run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
-    resumed = checkpoint.load(run_dir) if str(context.run_config.get("resume", "")).lower() == "true" else None
-    if resumed and cfg.privacy.secure_aggregation:
-        raise ValueError("resume: runs with privacy.secure_aggregation keep no checkpoint (Flower's SecAgg+ workflow "
-                         "owns its rounds)")
-    dump(cfg, run_dir / "config.yaml")
+def _stain(grid: Grid, names: dict[int, str], cfg: Config) -> tuple[dict | None, dict]:
+    """The run header's stain section and the messages' config (the federation's stain reference, if federated)."""
+    if cfg.data.stain_norm == "none":
+        return None, {}
+    message_config, sources = {}, {}
+    if cfg.data.stain_reference == "federated":
+        message_config[STAIN_REFERENCE], sources = _federated_stain_reference(grid, names, cfg)
+    normaliser = stain.normaliser_for(cfg.data, message_config.get(STAIN_REFERENCE))
+    return ({"method": cfg.data.stain_norm, "reference_from": cfg.data.stain_reference,
+             "reference": normaliser.reference.tolist(), "images_per_site": sources}, message_config)
+
+
+def _holdout(cfg: Config, message_config: dict) -> tuple[Samples | None, Path | None]:
+    """The server's own test set (``server.eval_data``) and its folder, or None."""
+    eval_path = eval_data_path(cfg)
+    if eval_path is None:
+        return None, None
+    if not eval_path.is_dir():
+        raise FileNotFoundError(f"server.eval_data: {eval_path} not found; set server.eval_data: null for a "
+                                "server without a test set (final metrics are then the sites' mean)")
+    return load_folder(eval_path, cfg.data, cfg.seed, task_of(cfg), message_config.get(STAIN_REFERENCE)), eval_path
+
+
+def _privacy_header(cfg: Config) -> dict | None:
+    """What metrics.json says of the run's differential privacy (None without)."""
+    p = cfg.privacy
+    if p.mode == "local":
+        return {
+            "mode": p.mode, "unit": p.unit, "delta": p.delta, "target_epsilon": p.epsilon,
+            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+            "note": "epsilon: cumulative in each site's ledger (all runs on that data), for one "
+                    f"{p.unit}; epsilon_patient / delta_patient: the guarantee for a whole patient "
+                    + ("(the same: a unit is a patient)" if p.unit == "patient" else
+                       "(group privacy over the site's most patches of one patient)"),
+            "sites": {},
+        }
+    if p.mode == "central":
+        return {
+            "mode": p.mode, "unit": "site", "delta": p.delta, "target_epsilon": p.epsilon,
+            "clipping": p.clipping, "clip_norm": p.clip_norm,
+            "note": "epsilon: for a whole site's contribution to this run (Flower's RDP accountant, FedAvg with "
+                    "equal site weights, every site every round, no amplification by sampling)",
+            "central": None,
+        }
+    return None
+
+
+def _header(cfg: Config, names: dict[int, str], pretrained: dict | None, holdout: Samples | None,
+            eval_path: Path | None, stain_header: dict | None) -> dict:
+    """metrics.json's description of the run, before its rounds."""
     classes = classes_of(cfg)
-    started = time.time()
-
-    names, stats = _site_statistics(grid, cfg)
-    weights, pretrained = learner.initial_weights(cfg, *pooled_moments(stats))
-    stain_header, message_config = None, {}
-    if cfg.data.stain_norm != "none":
-        sources = {}
-        if cfg.data.stain_reference == "federated":
-            message_config[STAIN_REFERENCE], sources = _federated_stain_reference(grid, names, cfg)
-        normaliser = stain.normaliser_for(cfg.data, message_config.get(STAIN_REFERENCE))
-        stain_header = {"method": cfg.data.stain_norm, "reference_from": cfg.data.stain_reference,
-                        "reference": normaliser.reference.tolist(), "images_per_site": sources}
-
-    holdout, eval_path = None, eval_data_path(cfg)
-    if eval_path is not None:
-        if not eval_path.is_dir():
-            raise FileNotFoundError(f"server.eval_data: {eval_path} not found; set server.eval_data: null for a "
-                                    "server without a test set (final metrics are then the sites' mean)")
-        holdout = load_folder(eval_path, cfg.data, cfg.seed, task_of(cfg), message_config.get(STAIN_REFERENCE))
     header = {
         "name": cfg.name, "model": cfg.model.name, "task": task_of(cfg), "pairing": cfg.data.pairing,
         "classes": list(classes),
@@ -152,30 +274,37 @@ def main(grid: Grid, context: Context) -> None:
             "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
             "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
         }
-    if cfg.privacy.mode == "local":
-        p = cfg.privacy
-        header["privacy"] = {
-            "mode": p.mode, "unit": p.unit, "delta": p.delta, "target_epsilon": p.epsilon,
-            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
-            "note": "epsilon: cumulative in each site's ledger (all runs on that data), for one "
-                    f"{p.unit}; epsilon_patient / delta_patient: the guarantee for a whole patient "
-                    + ("(the same: a unit is a patient)" if p.unit == "patient" else
-                       "(group privacy over the site's most patches of one patient)"),
-            "sites": {},
-        }
-    elif cfg.privacy.mode == "central":
-        p = cfg.privacy
-        header["privacy"] = {
-            "mode": p.mode, "unit": "site", "delta": p.delta, "target_epsilon": p.epsilon,
-            "clipping": p.clipping, "clip_norm": p.clip_norm,
-            "note": "epsilon: for a whole site's contribution to this run (Flower's RDP accountant, FedAvg with "
-                    "equal site weights, every site every round, no amplification by sampling)",
-            "central": None,
-        }
-    record = RunRecord(run_dir, classes, header, cfg.logging.tensorboard)
+    privacy = _privacy_header(cfg)
+    return {**header, "privacy": privacy} if privacy is not None else header
+
+
+def _central_evaluation(cfg: Config, record: RunRecord, holdout: Samples | None,
+                        latest: dict) -> Callable[[int, ArrayRecord], None]:
+    """What closes each round: the server's own evaluation (when it has a test set), then the record's line.
+
+    It keeps the round's model in ``latest["arrays"]``: the model to save if the run stops early.
+    """
+    classes = classes_of(cfg)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> None:
+        latest["arrays"] = arrays
+        if server_round == 0:
+            return
+        if holdout is not None:
+            probs, loss = learner.predict(cfg, from_record(arrays), holdout)
+            central = {**classification_metrics(holdout.labels, probs, classes), "loss": loss}
+            if server_round == cfg.federation.rounds:  # the final model: 95 % intervals over patients
+                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=200, seed=cfg.seed)
+            record.round(server_round)["central"] = central
+        record.close_round(server_round, cfg.federation.rounds)
+
+    return evaluate
+
+
+def _announce(cfg: Config, names: dict[int, str], holdout: Samples | None, pretrained: dict | None,
+              resumed: dict | None, run_dir: Path) -> None:
+    """The run's first lines on screen: where it resumes or what it starts from, its sites and model."""
     if resumed:
-        record.data = resumed["record"]
-        weights = resumed["arrays"]
         print(f"[fedfuse] resuming after round {resumed['round']} (checkpoint {run_dir / checkpoint.FILE})", flush=True)
     if pretrained and not resumed:
         print(f"[fedfuse] pretrained weights {pretrained['path']}: {len(pretrained['loaded'])} tensors loaded, "
@@ -185,21 +314,53 @@ def main(grid: Grid, context: Context) -> None:
           f"({task_of(cfg)} task), pairing {cfg.data.pairing}; central test set: "
           f"{f'{len(holdout)} samples' if holdout is not None else 'none (final = federated mean)'}", flush=True)
 
+
+def _stopped(stop: Exception, record: RunRecord, cfg: Config) -> str:
+    """Why the run stopped before its last round, printed; the round that stopped it is closed in the record."""
+    if isinstance(stop, PrivacyBudgetExhausted):  # central DP: raised before the release that would pass the budget
+        print(f"[fedfuse] stopped: central privacy budget: {stop}", flush=True)
+        return f"central privacy budget: {stop}"
+    print(f"[fedfuse] {stop}", flush=True)
+    record.close_round(stop.round, cfg.federation.rounds)  # keeps who failed or declined, and why
+    return str(stop)
+
+
+def _finish(grid: Grid, cfg: Config, names: dict[int, str], record: RunRecord, arrays: ArrayRecord,
+            message_config: dict, run_dir: Path, extra: dict, started: float) -> None:
+    """After the rounds: federated SHAP, the final model and metrics (``extra`` too), the last lines on screen."""
+    # Per-site aggregates are what secure aggregation hides from the server: no federated SHAP with it.
+    if cfg.report.shap_rows and explain.has_ehr_input(cfg) and not cfg.privacy.secure_aggregation:
+        record.data["importance"] = _federated_importance(grid, names, arrays, cfg, message_config)
+    learner.save(cfg, from_record(arrays), run_dir)
+    final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
+    auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())
+    print(f"[fedfuse] final ({final['source']}): macro AUC {final.get('macro_auc', float('nan')):.3f} | "
+          f"accuracy {final.get('accuracy', float('nan')):.3f} | AUC {auc}", flush=True)
+    print(f"[fedfuse] outputs in {run_dir.resolve()}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(dict(context.run_config), APP_ROOT)
+    run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
+    resumed = checkpoint.load(run_dir, cfg) if str(context.run_config.get("resume", "")).lower() == "true" else None
+    if resumed and cfg.privacy.secure_aggregation:
+        raise ValueError("resume: runs with privacy.secure_aggregation keep no checkpoint (Flower's SecAgg+ workflow "
+                         "owns its rounds)")
+    dump(cfg, run_dir / "config.yaml")
+    started = time.time()
+    names, sums, declared = _site_statistics(grid, cfg)
+    grid = AdmittedGrid(grid, names)  # a site left out is never sampled
+    weights, pretrained = learner.initial_weights(cfg, *pooled_moments(sums))
+    stain_header, message_config = _stain(grid, names, cfg)
+    holdout, eval_path = _holdout(cfg, message_config)
+    record = RunRecord(run_dir, classes_of(cfg), _header(cfg, names, pretrained, holdout, eval_path, stain_header),
+                       cfg.logging.tensorboard)
+    if resumed:
+        record.data, weights = resumed["record"], resumed["arrays"]
+    _announce(cfg, names, holdout, pretrained, resumed, run_dir)
     latest = {"arrays": to_record(weights)}  # the model to keep if the run stops early
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        latest["arrays"] = arrays
-        if server_round == 0:
-            return None
-        if holdout is not None:
-            probs, loss = learner.predict(cfg, from_record(arrays), holdout)
-            central = {**classification_metrics(holdout.labels, probs, classes), "loss": loss}
-            if server_round == cfg.federation.rounds:  # the final model: 95 % intervals over patients
-                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=200, seed=cfg.seed)
-            record.round(server_round)["central"] = central
-        record.close_round(server_round, cfg.federation.rounds)
-        return None
-
+    evaluate = _central_evaluation(cfg, record, holdout, latest)
     trained = learner.trained_names(cfg)
     strategy = build_strategy(cfg, record, names, trained)
     if resumed:
@@ -212,23 +373,10 @@ def main(grid: Grid, context: Context) -> None:
     extra = {}
     try:
         if cfg.privacy.secure_aggregation:  # the strategy serves for the sites' evaluation only
-            secagg.start(grid, context, cfg, strategy, weights, trained, [s["examples"] for s in stats], evaluate)
+            secagg.start(grid, context, cfg, strategy, weights, trained, declared, evaluate)
         else:
             run_rounds(grid, strategy, latest["arrays"], cfg, resumed["round"] + 1 if resumed else 1,
-                       lambda node: names.get(node, str(node)), evaluate, end_of_round, message_config)
-    except (BudgetSpent, TooFewSites) as stop:
-        print(f"[fedfuse] {stop}", flush=True)
-        extra["stopped"] = str(stop)
-        record.close_round(stop.round, cfg.federation.rounds)  # keeps who failed or declined, and why
-    except PrivacyBudgetExhausted as stop:  # central DP: raised before the release that would pass the budget
-        extra["stopped"] = f"central privacy budget: {stop}"
-        print(f"[fedfuse] stopped: {extra['stopped']}", flush=True)
-    # Per-site aggregates are what secure aggregation hides from the server: no federated SHAP with it.
-    if cfg.report.shap_rows and explain.has_ehr_input(cfg) and not cfg.privacy.secure_aggregation:
-        record.data["importance"] = _federated_importance(grid, names, latest["arrays"], cfg, message_config)
-    learner.save(cfg, from_record(latest["arrays"]), run_dir)
-    final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
-    auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())
-    print(f"[fedfuse] final ({final['source']}): macro AUC {final.get('macro_auc', float('nan')):.3f} | "
-          f"accuracy {final.get('accuracy', float('nan')):.3f} | AUC {auc}", flush=True)
-    print(f"[fedfuse] outputs in {run_dir.resolve()}", flush=True)
+                       lambda node: names.get(node, str(node)), declared, evaluate, end_of_round, message_config)
+    except (BudgetSpent, TooFewSites, PrivacyBudgetExhausted) as stop:
+        extra["stopped"] = _stopped(stop, record, cfg)
+    _finish(grid, cfg, names, record, latest["arrays"], message_config, run_dir, extra, started)

@@ -8,12 +8,19 @@ so that:
 
 * a run resumes at the round after its last checkpoint (server/checkpoint.py)
   with the strategy's state restored;
-* every training reply is checked before aggregation (:func:`check_update`):
-  a site that did not answer within ``federation.round_timeout``, or sent
-  NaN/Inf, missing or extra arrays, wrong shapes or dtypes, or an update
-  farther from the global model than ``federation.max_update_ratio`` times the
-  round's median, is replaced by an error reply, which every strategy's reply
-  filter drops and the recording mixin prints and records under ``failed``;
+* every reply is checked before a strategy sees it (:func:`checked`,
+  :func:`checked_evaluation`), because one dishonest or broken site must not
+  crash the server or capture the model: a site that did not answer within
+  ``federation.round_timeout``, or sent records other than a site sends,
+  missing, extra, non-finite or out-of-range metrics, a ``num-examples`` above
+  the training examples it declared before training, NaN/Inf (in the global
+  model's dtype), missing or extra arrays, wrong shapes or dtypes, values far
+  beyond the global model's (:data:`MAX_GROWTH`), an update farther from the
+  global model than :data:`MAX_RELATIVE_UPDATE` times its norm, or (with 3
+  sites or more) than ``federation.max_update_ratio`` times the round's
+  median, is replaced by an error reply, which every strategy's reply filter
+  drops and the recording mixin prints and records under ``failed``
+  (``evaluate_failed`` for an evaluation);
 * replies are put in site order before aggregation (they arrive in any order,
   and a floating-point sum depends on its order);
 * the run stops cleanly, with the last good model, when fewer than
@@ -22,18 +29,41 @@ so that:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from client.wire import expand, to_record
-from server.strategy import note_failures
-from shared.config import TREE_STRATEGIES, Config, compacted_upload
+from client.wire import UNIFORM, expand, to_record
+from server.strategy import PRIVACY_KEYS, note_failures
+from shared.config import TREE_STRATEGIES, Config, classes_of, compacted_upload
+from shared.learner import bn_names, trained_names
+from shared.serde import flatten_metrics
 
 TIMEOUT = 101  # error codes of the replies the server makes up for a site (100: a site's budget_exhausted)
 REJECTED = 102
+# An update may lie at most this far from the global model (its trained weights), as a multiple of their norm: a
+# bound that needs no other site, so it holds with two. Measured on honest quickstart runs (2 sites, 2 rounds; round 1
+# is the largest): 0.16 at the defaults (fusion, FedAvg; also FedAdam, FedProx, local and central DP, float16
+# uploads, 3 sites), 0.02 mlp, 0.15 late_fusion, 0.21 BatchNorm cnn, 0.27 with 10 local epochs, 0.50 resnet18;
+# train.lr 0.01: 1.1 (fusion), 1.8 (BatchNorm cnn); train.lr 0.1: 1.8 (mlp), 4.0 (mlp, 10 epochs), 8.5 (fusion).
+# Only a BatchNorm cnn at lr 0.1, diverging (its BatchNorm variances 6500-fold in one round), goes beyond (12.8).
+MAX_RELATIVE_UPDATE = 10.0
+# No value of an update beyond this many times max(1, the largest |value| of the global array): it holds the arrays
+# the norm bound does not see (BatchNorm statistics) and keeps every sum of the aggregation far from overflow. The
+# same honest runs reach 2.2 (76 for BatchNorm variances at train.lr 0.01).
+MAX_GROWTH = 1e3
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a site reported before training (its ``query.ehr_stats`` reply): the bounds of its later replies."""
+
+    examples: int  # its training split
+    test_examples: int | None = None  # its test split, where the site reports it
 
 
 class TooFewSites(RuntimeError):
@@ -45,16 +75,152 @@ class TooFewSites(RuntimeError):
         self.round = server_round
 
 
+class AdmittedGrid(Grid):
+    """``grid`` as the strategies see it: only the sites admitted to the run (their statistics were sound).
+
+    A node left out (or one that joined after the statistics round, and so declared nothing) is never sampled.
+    The order of the wrapped grid's node ids is kept: the strategies' sampling draws from it.
+    """
+
+    def __init__(self, grid: Grid, admitted: Iterable[int]) -> None:
+        self.grid = grid
+        self.admitted = frozenset(admitted)
+
+    def get_node_ids(self):
+        return [n for n in self.grid.get_node_ids() if n in self.admitted]
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def as_count(value) -> int | None:
+    """``value`` as a whole number, or None when it is not one (a string, a list, a bool, NaN, 2.5)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return int(value) if value == int(value) else None
+
+
 def _arrays(m: Message) -> dict[str, np.ndarray] | None:
     records = list(m.content.array_records.values())
     return {k: v.numpy() for k, v in records[0].items()} if len(records) == 1 else None
 
 
+def _records(m: Message, arrays: bool) -> str | None:
+    """Why the reply does not hold what a site sends: one MetricRecord ``metrics`` (and, to train, one ArrayRecord)."""
+    if list(m.content.metric_records) != ["metrics"]:
+        return f"expected one MetricRecord named 'metrics', got {sorted(m.content.metric_records)}"
+    if arrays and len(m.content.array_records) != 1:
+        return "expected exactly one ArrayRecord in the reply"
+    return None
+
+
+def _keys(metrics: MetricRecord, expected: set[str], lists: set[str]) -> str | None:
+    """Why ``metrics`` does not have exactly the ``expected`` keys (Flower aggregates only replies that agree),
+    numbers everywhere but in ``lists``."""
+    missing, extra = sorted(expected - set(metrics)), sorted(set(metrics) - expected)
+    if missing or extra:
+        return f"metrics do not match: missing {missing}, unexpected {extra[:5]}"
+    wrong = sorted(k for k in expected if isinstance(metrics[k], list) != (k in lists))
+    return f"metrics {wrong[:5]}: expected {'lists' if wrong[0] in lists else 'numbers'}" if wrong else None
+
+
+def _counted(metrics: MetricRecord, most: int | None, what: str) -> str | None:
+    """Why ``num-examples`` is not a positive integer within the ``most`` the site declared before training."""
+    n = as_count(metrics["num-examples"])
+    if n is None or n < 1:
+        return f"num-examples {metrics['num-examples']!r}: expected a positive integer"
+    if most is not None and n > most:
+        return f"num-examples {n} is more than the {most} {what} examples the site declared before training"
+    return None
+
+
+def _common(cfg: Config, metrics: MetricRecord) -> str | None:
+    """Why the metrics every reply carries (``site-index``, central DP's uniform weight) are not what a site sends."""
+    index = as_count(metrics["site-index"])
+    if index is None or index < 0:
+        return f"site-index {metrics['site-index']!r}: expected a non-negative integer"
+    if cfg.privacy.mode == "central" and metrics[UNIFORM] != 1.0:
+        return f"{UNIFORM} {metrics[UNIFORM]!r}: central DP weighs every site 1 (what its accountant assumes)"
+    return None
+
+
+def _privacy(cfg: Config, metrics: MetricRecord) -> str | None:
+    """Why a training reply's epsilons are not what a site sends: NaN without local DP, else numbers in range."""
+    eps, eps_patient, delta_patient = (float(metrics[k]) for k in PRIVACY_KEYS)
+    if cfg.privacy.mode != "local":
+        if not all(math.isnan(v) for v in (eps, eps_patient, delta_patient)):
+            return f"{', '.join(PRIVACY_KEYS)}: expected NaN (no local DP with privacy.mode {cfg.privacy.mode})"
+        return None
+    # NaN fails every comparison; Inf is honest (no noise: epsilon .inf; group privacy's delta for many patches).
+    if not (eps >= 0 and eps_patient >= 0 and delta_patient >= 0):
+        return (f"epsilon {eps!r}, epsilon-patient {eps_patient!r}, delta-patient {delta_patient!r}: expected "
+                "epsilons and delta >= 0 (privacy.mode local)")
+    return None
+
+
+def check_train_metrics(cfg: Config, metrics: MetricRecord, declared: Declared | None) -> str | None:
+    """Why a training reply's metrics cannot be used, or None when they can.
+
+    ``declared``: what the site reported before training (None: nothing, so no count of its is believed).
+    """
+    expected = {"train_loss", "num-examples", "site-index", *PRIVACY_KEYS} | \
+        ({UNIFORM} if cfg.privacy.mode == "central" else set())
+    reason = _keys(metrics, expected, set()) or _counted(metrics, declared.examples if declared else 0, "training")
+    if reason is not None:
+        return reason
+    if not (math.isfinite(metrics["train_loss"]) and metrics["train_loss"] >= 0):
+        return f"train_loss {metrics['train_loss']!r}: expected a finite number >= 0"
+    return _common(cfg, metrics) or _privacy(cfg, metrics)
+
+
+def check_evaluation(cfg: Config, metrics: MetricRecord, declared: Declared | None) -> str | None:
+    """Why an evaluation reply's metrics cannot be recorded, or None when they can.
+
+    Scores are NaN (a site that cannot score a class) or in [0, 1]; the loss a finite number >= 0; the confusion
+    matrix ``classes x classes`` whole numbers summing to ``num-examples``.
+    """
+    classes = classes_of(cfg)
+    scores = set(flatten_metrics({}, classes)) - {"confusion", "loss"}
+    expected = {*scores, "loss", "confusion", "num-examples", "site-index"} | \
+        ({UNIFORM} if cfg.privacy.mode == "central" else set())
+    reason = _keys(metrics, expected, {"confusion"}) or \
+        _counted(metrics, declared.test_examples if declared else None, "test")
+    if reason is not None:
+        return reason
+    bad = sorted(k for k in scores if not (math.isnan(metrics[k]) or 0 <= metrics[k] <= 1))
+    if bad:
+        return f"metrics {bad[:5]}: expected NaN or a number in [0, 1]"
+    if not (math.isfinite(metrics["loss"]) and metrics["loss"] >= 0):
+        return f"loss {metrics['loss']!r}: expected a finite number >= 0"
+    cells = [as_count(c) for c in metrics["confusion"]]
+    if len(cells) != len(classes) ** 2 or any(c is None or c < 0 for c in cells) or sum(cells) != metrics["num-examples"]:
+        return (f"confusion: expected {len(classes)}x{len(classes)} whole numbers >= 0 summing to num-examples "
+                f"({metrics['num-examples']})")
+    return _common(cfg, metrics)
+
+
 def check_update(reference: dict[str, np.ndarray], update: dict[str, np.ndarray] | None, shapes: bool = True) -> str | None:
     """Why ``update`` cannot be aggregated with the global ``reference``, or None when it can.
 
-    ``shapes=False`` for XGBoost, whose one array is the serialised booster
-    (its length changes every round).
+    Floating-point values are judged in the global model's dtype (a float64 1e300 is Inf as float32) and against
+    :data:`MAX_GROWTH`. ``shapes=False`` for XGBoost, whose one array is the serialised booster (its length
+    changes every round).
     """
     if update is None:
         return "expected exactly one ArrayRecord in the reply"
@@ -68,63 +234,150 @@ def check_update(reference: dict[str, np.ndarray], update: dict[str, np.ndarray]
             return f"array {k!r} has dtype {got.dtype}, expected {ref.dtype}"
         if shapes and got.shape != ref.shape:
             return f"array {k!r} has shape {got.shape}, expected {ref.shape}"
-        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
-            return f"array {k!r} holds NaN or Inf"
+        reason = _values(k, got, ref) if floats else None
+        if reason is not None:
+            return reason
     return None
 
 
-def _distance(reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(np.sum((update[k].astype(np.float64) - ref) ** 2) for k, ref in reference.items()
-                             if np.issubdtype(ref.dtype, np.floating))))
+def _values(name: str, got: np.ndarray, ref: np.ndarray) -> str | None:
+    """Why a floating-point array's values do not fit the global array ``ref``: non-finite or far too large."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = got.astype(ref.dtype)
+    if not np.isfinite(cast).all():
+        return f"array {name!r} holds NaN or Inf (as {ref.dtype}, the global model's dtype)"
+    bound = MAX_GROWTH * max(1.0, float(np.abs(ref).max(initial=0.0)))
+    peak = float(np.abs(cast).max(initial=0.0))
+    if peak > bound:
+        return (f"array {name!r} reaches {peak:.4g}, above {MAX_GROWTH:g} x max(1, the global array's largest "
+                f"value) = {bound:.4g}")
+    return None
+
+
+def _floats(reference: dict[str, np.ndarray], names: set[str] | None = None) -> list[str]:
+    """The floating-point arrays of ``reference`` (among ``names``, when given and any of them is there)."""
+    floats = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+    return [k for k in floats if names is not None and k in names] or floats
+
+
+def _distance(reference: dict[str, np.ndarray], update: dict[str, np.ndarray], names: list[str]) -> float:
+    return float(np.sqrt(sum(np.sum((update[k].astype(np.float64) - reference[k]) ** 2) for k in names)))
+
+
+def _norm(arrays: dict[str, np.ndarray], names: list[str]) -> float:
+    return float(np.sqrt(sum(np.sum(arrays[k].astype(np.float64) ** 2) for k in names)))
+
+
+def _too_far(cfg: Config, reference: dict[str, np.ndarray], updates: dict[int, dict[str, np.ndarray]]) -> dict[int, str]:
+    """The updates (node -> why) too far from the global model.
+
+    Beyond :data:`MAX_RELATIVE_UPDATE` times the norm of its trained weights, measured on those weights (a
+    BatchNorm layer's statistics move far more, honestly; they and the untrained arrays are held by
+    :data:`MAX_GROWTH`); a global model of norm 0 has no scale (a real one never is). Among 3 updates or more,
+    also beyond ``federation.max_update_ratio`` times the round's median (all floating-point arrays); between
+    two, the larger is never above twice their median.
+    """
+    trained = _floats(reference, trained_names(cfg))
+    scale = _norm(reference, trained)
+    bound = MAX_RELATIVE_UPDATE * scale
+    distance = {node: _distance(reference, u, trained) for node, u in updates.items()}
+    out = {node: f"distance {d:.4g} from the global model is above {MAX_RELATIVE_UPDATE:g} x the norm of its trained "
+                 f"weights ({bound:.4g}; server/loop.py MAX_RELATIVE_UPDATE)"
+           for node, d in distance.items() if scale > 0 and d > bound}
+    ratio = cfg.federation.max_update_ratio
+    if ratio is not None and len(updates) >= 3:
+        distance = {node: _distance(reference, u, _floats(reference)) for node, u in updates.items()}
+        median = ratio * float(np.median(list(distance.values())))
+        out.update({node: f"distance {d:.4g} from the global model is above {ratio:g} x the round's median "
+                          f"({median:.4g}; federation.max_update_ratio)"
+                    for node, d in distance.items() if d > median and node not in out})
+    return out
+
+
+def _untrained(cfg: Config, reference: dict[str, np.ndarray]) -> list[str]:
+    """The floating-point arrays training never changes (the EHR scaling, frozen layers; not BatchNorm's
+    statistics): a site returns them as it got them. None in a reference that is not this configuration's model
+    (no trained array in it) or an XGBoost booster."""
+    floats = _floats(reference)
+    trained = trained_names(cfg) & set(floats)
+    return [k for k in floats if k not in trained and k not in bn_names(cfg)] if trained else []
+
+
+def _changed(cfg: Config, reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> str | None:
+    """Why an update's untrained arrays are not the global model's: a site that moves the EHR scaling moves every
+    site's inputs. A float16 upload rounds them to 11 significant bits."""
+    half = cfg.federation.upload_dtype == "float16"
+    for k in _untrained(cfg, reference):
+        if not np.allclose(update[k], reference[k], rtol=2.0**-10 if half else 0.0, atol=2.0**-24 if half else 0.0):
+            return f"array {k!r} is not trained, yet differs from the global model's"
+    return None
+
+
+def _judged(cfg: Config, reply: Message, ref: dict[str, np.ndarray],
+            declared: Declared | None) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """A training reply's update (the whole model: a compacted upload is expanded in the reply too) and why it
+    cannot be aggregated, or None."""
+    reason = _records(reply, arrays=True) or check_train_metrics(cfg, reply.content["metrics"], declared)
+    if reason is not None:
+        return None, reason
+    update = _arrays(reply)
+    if compacted_upload(cfg.federation):  # the strategy aggregates whole models at the global dtype
+        update = expand(cfg, ref, update)
+        reply.content[next(iter(reply.content.array_records))] = to_record(update)
+    trees = cfg.federation.strategy in TREE_STRATEGIES
+    return update, check_update(ref, update, shapes=not trees) or (None if trees else _changed(cfg, ref, update))
 
 
 def checked(cfg: Config, sent: list[Message], replies: list[Message], reference: ArrayRecord,
-            site_of: Callable[[int], str]) -> list[Message]:
+            site_of: Callable[[int], str], declared: Mapping[int, Declared]) -> list[Message]:
     """The round's training replies, one per site it was sent to, in site order; bad ones as error replies."""
     by_node = {m.metadata.src_node_id: m for m in replies}
     sent_to = {m.metadata.dst_node_id: m for m in sent}
     ref = {k: v.numpy() for k, v in reference.items()}
-    trees = cfg.federation.strategy in TREE_STRATEGIES
-    compacted = compacted_upload(cfg.federation)
-    out, distance = {}, {}
+    out, updates = {}, {}
     for node, msg in sent_to.items():
         reply = by_node.get(node)
         if reply is None:
             reply = Message(Error(TIMEOUT, f"timeout: no reply within {cfg.federation.round_timeout:g} s "
                                            "(federation.round_timeout)"), reply_to=msg)
         elif not reply.has_error():
-            update = _arrays(reply)
-            if update is not None and compacted:  # the strategy aggregates whole models at the global dtype
-                update = expand(cfg, ref, update)
-                reply.content[next(iter(reply.content.array_records))] = to_record(update)
-            reason = check_update(ref, update, shapes=not trees)
+            update, reason = _judged(cfg, reply, ref, declared.get(node))
             if reason is not None:
                 reply = Message(Error(REJECTED, f"rejected update: {reason}"), reply_to=msg)
-            elif cfg.federation.max_update_ratio is not None and not trees:
-                distance[node] = _distance(ref, update)
+            elif cfg.federation.strategy not in TREE_STRATEGIES:
+                updates[node] = update
         out[node] = reply
-    if len(distance) >= 2:  # a bound relative to the round's median: only an outlier among several stands out
-        bound = cfg.federation.max_update_ratio * float(np.median(list(distance.values())))
-        for node, d in distance.items():
-            if d > bound:
-                out[node] = Message(Error(REJECTED, f"rejected update: distance {d:.4g} from the global model is "
-                                                    f"above {cfg.federation.max_update_ratio:g} x the round's "
-                                                    f"median ({bound:.4g}; federation.max_update_ratio)"),
-                                    reply_to=sent_to[node])
+    for node, reason in _too_far(cfg, ref, updates).items():
+        out[node] = Message(Error(REJECTED, f"rejected update: {reason}"), reply_to=sent_to[node])
     return sorted(out.values(), key=lambda m: site_of(m.metadata.src_node_id))
 
 
+def checked_evaluation(cfg: Config, sent: list[Message], replies: list[Message],
+                       declared: Mapping[int, Declared]) -> list[Message]:
+    """The round's evaluation replies in their order, bad ones as error replies (recorded under ``evaluate_failed``)."""
+    sent_to = {m.metadata.dst_node_id: m for m in sent}
+    out = []
+    for m in replies:
+        node = m.metadata.src_node_id
+        reason = None if m.has_error() or node not in sent_to else \
+            _records(m, arrays=False) or check_evaluation(cfg, m.content["metrics"], declared.get(node))
+        out.append(Message(Error(REJECTED, f"rejected evaluation: {reason}"), reply_to=sent_to[node])
+                   if reason is not None else m)
+    return [m for m in out if m.metadata.src_node_id in sent_to]
+
+
 def run_rounds(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, first: int, site_of: Callable[[int], str],
-               evaluate_fn: Callable[[int, ArrayRecord], None], end_of_round: Callable[[int, ArrayRecord], None],
-               message_config: dict | None = None):
+               declared: Mapping[int, Declared], evaluate_fn: Callable[[int, ArrayRecord], None],
+               end_of_round: Callable[[int, ArrayRecord], None], message_config: dict | None = None):
     """Rounds ``first`` .. ``federation.rounds``; ``end_of_round`` follows the central evaluation (a checkpoint).
 
+    ``declared``: what each site reported before training (node -> :class:`Declared`), the bounds of its replies.
     ``message_config`` goes into every training and evaluation message's config (the stain reference).
     """
     timeout = cfg.federation.round_timeout
     for server_round in range(first, cfg.federation.rounds + 1):
         sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(message_config or {}), grid))
-        replies = checked(cfg, sent, list(grid.send_and_receive(sent, timeout=timeout)), arrays, site_of)
+        replies = checked(cfg, sent, list(grid.send_and_receive(sent, timeout=timeout)), arrays, site_of, declared)
         usable = sum(not m.has_error() for m in replies)
         needed = min(cfg.federation.min_sites, len(sent))  # xgb_cyclic sends to one site a round
         budget_only = all(m.error.reason.startswith("budget_exhausted") for m in replies if m.has_error())
@@ -135,7 +388,7 @@ def run_rounds(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, first: in
         arrays = new if new is not None else arrays  # central DP voids a round with a failed site
         sent = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(message_config or {}), grid))
         if sent:
-            evaluated = grid.send_and_receive(sent, timeout=timeout)
+            evaluated = checked_evaluation(cfg, sent, list(grid.send_and_receive(sent, timeout=timeout)), declared)
             strategy.aggregate_evaluate(server_round, sorted(evaluated, key=lambda m: site_of(m.metadata.src_node_id)))
         evaluate_fn(server_round, arrays)
         end_of_round(server_round, arrays)

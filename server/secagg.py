@@ -24,7 +24,7 @@ weight ``W`` (``W >= 1`` when the largest site takes part).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -37,6 +37,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp.strategy import Strategy
 
 from client.wire import to_record
+from server.loop import Declared, check_train_metrics, checked_evaluation
 from server.record import RunRecord
 from server.strategy import BudgetSpent, note_spend
 from shared.config import Config, ConfigError
@@ -62,20 +63,25 @@ class SecureFedAvg(FedAvg):
     """Legacy FedAvg on what SecAgg+ releases, put back into the model; records the round's training.
 
     SecAgg+ hands every reply the same unmasked weighted mean of the trained
-    arrays, so FedAvg's own mean of them is that mean again.
+    arrays, so FedAvg's own mean of them is that mean again. A reply whose
+    metrics ``judge`` refuses (node, metrics -> why, or None) is left out of
+    the loss and the privacy record, and recorded under ``failed``: its masked
+    update is in the sum already, bounded by SecAgg+'s clipping range.
     """
 
     def __init__(self, weights: Weights, secure: list[str], record: RunRecord, site_names: dict[int, str],
-                 **kwargs) -> None:
+                 judge: Callable[[int, dict], str | None], **kwargs) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(list(weights.values())), **kwargs)
         self.weights = weights  # the global model, updated by each round's aggregate
         self.secure = secure
         self.record = record
         self.site_names = site_names
+        self.judge = judge
         self.aggregated = 0  # the last round whose aggregate arrived
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        results = [(proxy, res) for proxy, res in results if not self._refused(server_round, proxy.node_id, res)]
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
@@ -90,6 +96,14 @@ class SecureFedAvg(FedAvg):
             note_spend(self.record, self.site_names.get(proxy.node_id, f"node {proxy.node_id}"), server_round,
                        res.metrics)
         return ndarrays_to_parameters(list(self.weights.values())), metrics
+
+    def _refused(self, server_round: int, node: int, res: FitRes) -> bool:
+        reason = self.judge(node, res.metrics)
+        if reason is not None:
+            name = self.site_names.get(node, f"node {node}")
+            self.record.round(server_round).setdefault("failed", {})[name] = f"rejected metrics: {reason}"
+            print(f"[fedfuse] round {server_round}: site {name} sent unusable metrics: {reason}", flush=True)
+        return reason is not None
 
 
 def _train_loss(replies: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -133,32 +147,35 @@ def _halted(server_round: int, workflow: SecAggPlus, record: RunRecord) -> Excep
                         f"{state.threshold}: {'; '.join(reasons) or 'no replies'}")
 
 
-def start(grid: Grid, context: Context, cfg: Config, evaluation: Strategy, weights: Weights, trained: set[str],
-          site_examples: list[int], evaluate_fn: Callable[[int, ArrayRecord], object]) -> None:
-    """Run ``federation.rounds`` SecAgg+ rounds from ``weights``.
-
-    ``evaluation`` is the run's recording Message-API strategy: its site
-    evaluation, run record and site names serve here too. ``evaluate_fn`` is
-    the app's central evaluation, which closes each round in the record.
-    """
-    record = evaluation.record
-    secure = [k for k in weights if k in trained]
-    settings = _settings(cfg, weights, secure, site_examples)
-    record.data["secure_aggregation"] = settings
+def _announce(settings: dict, secured: int, total: int) -> None:
     print(f"[fedfuse] secure aggregation (SecAgg+): max_weight {settings['max_weight']} (largest site's training "
           f"examples), clipping range +-{settings['clipping_range']:g} (first model's trained weights reach "
           f"{settings['initial_reach']:.3g}), {settings['quantization_range']} quantisation levels: each element "
-          f"of the mean within {settings['error_bound']:.2g}; {len(secure)} of {len(weights)} arrays summed",
-          flush=True)
+          f"of the mean within {settings['error_bound']:.2g}; {secured} of {total} arrays summed", flush=True)
+
+
+def start(grid: Grid, context: Context, cfg: Config, evaluation: Strategy, weights: Weights, trained: set[str],
+          declared: Mapping[int, Declared], evaluate_fn: Callable[[int, ArrayRecord], object]) -> None:
+    """Run ``federation.rounds`` SecAgg+ rounds from ``weights``.
+
+    ``evaluation``: the run's recording Message-API strategy (its site evaluation, record and site names);
+    ``declared``: what each site reported before training (``max_weight``, the bounds of its replies);
+    ``evaluate_fn``: the app's central evaluation, which closes each round in the record.
+    """
+    record, secure = evaluation.record, [k for k in weights if k in trained]
+    record.data["secure_aggregation"] = settings = _settings(cfg, weights, secure, [d.examples for d in declared.values()])
+    _announce(settings, len(secure), len(weights))
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
         return {"server-round": server_round, "arrays": " ".join(weights), "secure": " ".join(secure),
                 "clipping-range": float(settings["clipping_range"]), "max-weight": float(settings["max_weight"])}
 
     f = cfg.federation
-    strategy = SecureFedAvg(weights, secure, record, evaluation.site_names, fraction_fit=f.fraction_train,
-                            fraction_evaluate=0.0, min_fit_clients=f.min_sites, min_available_clients=f.min_sites,
-                            on_fit_config_fn=fit_config, fit_metrics_aggregation_fn=_train_loss)
+    strategy = SecureFedAvg(weights, secure, record, evaluation.site_names,
+                            lambda node, metrics: check_train_metrics(cfg, metrics, declared.get(node)),
+                            fraction_fit=f.fraction_train, fraction_evaluate=0.0, min_fit_clients=f.min_sites,
+                            min_available_clients=f.min_sites, on_fit_config_fn=fit_config,
+                            fit_metrics_aggregation_fn=_train_loss)
     secagg = SecAggPlus(NUM_SHARES, THRESHOLD, max_weight=float(settings["max_weight"]),
                         clipping_range=float(settings["clipping_range"]),
                         quantization_range=settings["quantization_range"], timeout=TIMEOUT)
@@ -169,8 +186,8 @@ def start(grid: Grid, context: Context, cfg: Config, evaluation: Strategy, weigh
         if strategy.aggregated != server_round:
             raise _halted(server_round, secagg, record)
         arrays = to_record(strategy.weights)
-        replies = grid.send_and_receive(evaluation.configure_evaluate(server_round, arrays, ConfigRecord({}), grid),
-                                        timeout=TIMEOUT)
+        sent = list(evaluation.configure_evaluate(server_round, arrays, ConfigRecord({}), grid))
+        replies = checked_evaluation(cfg, sent, list(grid.send_and_receive(sent, timeout=TIMEOUT)), declared)
         evaluation.aggregate_evaluate(server_round, replies)
         evaluate_fn(server_round, arrays)
 

@@ -8,6 +8,7 @@ a strategy is one entry in :data:`STRATEGIES`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message
@@ -46,20 +47,51 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 
-def note_failures(record: RunRecord, site_names: dict[int, str], server_round: int, replies: list[Message]) -> None:
-    """Print and record each error reply (Flower's reply filter drops them before aggregation)."""
+PRIVACY_KEYS = ("epsilon", "epsilon-patient", "delta-patient")  # a training reply's local-DP metrics (NaN: none)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
+_FLOWER_REASON = re.compile(r"<class '(?:[\w.]*\.)?([^'.]+)'>:<'(.*)'>", re.S)  # Flower's str(type(err)):<'str(err)'>
+_RAY_MESSAGE = "occurred. Message: "  # Flower's Ray actor re-raises a ClientApp's error as ClientAppException(str(err))
+
+
+def site_error(reason: str) -> str:
+    """A site's error reply as one line: the ClientApp's own error and message, not Flower's wrapping.
+
+    Flower 1.42 puts ``str(type(err)) + ":<'" + str(err) + "'>"`` into the reply; in a simulation ``err`` is
+    Ray's error around Flower's ``ClientAppException``, whose text is the whole remote traceback. The site's
+    error is its last meaningful line, named by the type of the ClientApp's own exception where the traceback
+    shows it. Reasons fedfuse writes itself (timeouts, rejections, a declined budget) are kept as they are.
+    """
+    text = _ANSI.sub("", reason)
+    wrapped = _FLOWER_REASON.fullmatch(text.strip())
+    if wrapped is None:
+        return " ".join(text.split())
+    kind, text = wrapped.groups()
+    if _RAY_MESSAGE in text:
+        message = text.rsplit(_RAY_MESSAGE, 1)[1].strip()
+        first = message.splitlines()[0] if message else ""
+        own = re.search(r"^(?:[\w.]*\.)?(\w+): " + re.escape(first), text, re.M)
+        kind = own.group(1) if own and own.group(1) != "ClientAppException" else "error"
+    else:
+        message = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    return f"{kind}: {' '.join(message.split())}"
+
+
+def note_failures(record: RunRecord, site_names: dict[int, str], server_round: int, replies: list[Message],
+                  key: str = "failed", what: str = "did not train") -> None:
+    """Print and record each error reply under the round's ``key`` (Flower's reply filter drops them)."""
     for m in replies:
         if m.has_error():
             name = site_names.get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
-            record.round(server_round).setdefault("failed", {})[name] = m.error.reason
-            print(f"[fedfuse] round {server_round}: site {name} did not train: {m.error.reason}", flush=True)
+            reason = site_error(m.error.reason)
+            record.round(server_round).setdefault(key, {})[name] = reason
+            print(f"[fedfuse] round {server_round}: site {name} {what}: {reason}", flush=True)
 
 
 def note_spend(record: RunRecord, name: str, server_round: int, metrics) -> None:
     """Record a site's cumulative local-DP epsilon from its training reply's metrics (NaN: no local DP)."""
     if math.isnan(float(metrics["epsilon"])):
         return
-    spent = {k.replace("-", "_"): float(metrics[k]) for k in ("epsilon", "epsilon-patient", "delta-patient")}
+    spent = {k.replace("-", "_"): float(metrics[k]) for k in PRIVACY_KEYS}
     record.round(server_round).setdefault("privacy", {})[name] = spent
     record.data["privacy"]["sites"][name] = {**spent, "round": server_round}
 
@@ -83,7 +115,9 @@ class RecordingEvaluation:
         self.classes = classes
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        """Record each site's evaluation; an error reply (a failed or rejected evaluation) under ``evaluate_failed``."""
         replies = list(replies)
+        note_failures(self.record, self.site_names, server_round, replies, "evaluate_failed", "did not evaluate")
         sites = self.record.round(server_round).setdefault("sites", {})
         for m in replies:
             if m.has_error():
