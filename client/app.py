@@ -95,25 +95,30 @@ def _images_folder(context: Context) -> Path:
 
 
 def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
-    """This site's privacy ledger and epsilon budget.
+    """This site's privacy ledger and epsilon budget, both the hospital's own.
 
-    The ledger lives with the site's data: ``ledger-dir`` in the node config
-    (deployment), else ``privacy.ledger_dir`` (relative: inside ``data.root``),
-    else ``.fedfuse-privacy`` in the site's data folder (deployment) or in
-    ``data.root`` (simulation). A hospital's own ``privacy-budget`` in its
-    node config caps what the run's config asks for.
+    Where the ledger lives: ``shared.privacy.ledger_folder`` (a SuperNode's own node config, never the run's).
+    The budget is the run's (``shared.privacy.run_budget``), capped by the hospital's ``privacy-budget``.
     """
     p, node = site.cfg.privacy, context.node_config
-    if "ledger-dir" in node:
-        folder = Path(str(node["ledger-dir"]))
-    elif p.ledger_dir:
-        folder = Path(site.cfg.data.root) / p.ledger_dir  # an absolute ledger_dir stays as it is
-    else:
-        folder = Path(str(node.get("data-dir", site.cfg.data.root))) / ".fedfuse-privacy"
-    budget = p.budget if p.budget is not None else p.epsilon if p.epsilon is not None else math.inf
+    folder = privacy.ledger_folder(node, p, site.cfg.data.root)
+    budget = privacy.run_budget(p)
+    budget = math.inf if budget is None else budget
     if "privacy-budget" in node:
-        budget = min(budget, float(node["privacy-budget"]))
+        budget = min(budget, _hospital_budget(node["privacy-budget"]))
     return privacy.Ledger(folder, site.train, p, site.name), budget
+
+
+def _hospital_budget(value: object) -> float:
+    """The node config's ``privacy-budget``: a number >= 0 (NaN would cap nothing: ``min`` ignores it)."""
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not budget >= 0:
+        raise ValueError(f"node config privacy-budget {value!r}: expected a number >= 0, the most epsilon this "
+                         "hospital allows across all runs")
+    return budget
 
 
 def _with_local_bn(site: Site, context: Context, weights: dict, adapt_on: Samples | None = None) -> dict:

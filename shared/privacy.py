@@ -23,7 +23,10 @@ site's training data (patient ids and their EHR rows, not the pixels). It
 holds the accountant's history (noise multiplier, sample rate, steps) of
 every round these patients ever trained in, across runs and restarts, so
 the epsilon a site reports is cumulative; it is written atomically after
-every round and only ``fedfuse privacy reset`` empties it.
+every round and only ``fedfuse privacy reset`` empties it. Where it lives is
+the hospital's to say, never the run's (``ledger_folder``), and a ledger
+holding an entry the accountant cannot take is refused, never summed
+(``read_ledger``).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +57,14 @@ from shared.data import Samples
 from shared.train import _batch, class_weights
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one line of Opacus' RDP history
+LEDGER_FOLDER = ".fedfuse-privacy"  # a site's ledgers, in its data folder (deployment) or data.root (simulation)
+# Noise multipliers Opacus' RDP series computes, in bounded time. Below, sigma**2 underflows in the series of a
+# fractional order to a NaN it never stops summing (1e-160 hangs), and epsilon is past 1e11 anyway; above, the
+# series loses its precision (a ValueError from 1e7 at some rates, an overflow from 1e154) and takes seconds,
+# while epsilon no longer moves in its 6th digit.
+NOISE_RANGE = (1e-6, 1e5)
+MAX_STEPS = 2**53  # Opacus multiplies by the step count as a float: exact up to here (10**400 overflows)
+LEDGER_KEYS = {"site": str, "unit": str, "history": list, "rounds": list}  # a ledger file's keys besides delta
 
 
 def units(samples: Samples, unit: str) -> list[np.ndarray]:
@@ -112,15 +125,52 @@ def plan(cfg: Config, samples: Samples) -> Plan:
 
 
 def epsilon(history: list[Entry], delta: float) -> float:
-    """Opacus' RDP epsilon at ``delta`` after ``history``."""
+    """Opacus' RDP epsilon at ``delta`` after ``history``; a ValueError for an entry or delta out of range.
+
+    Bounded in time for every entry :func:`check_entry` accepts: a noise multiplier below ``NOISE_RANGE``
+    (0: no noise) is accounted as no privacy at all, one above it at its top. Epsilon falls as the noise
+    grows, so either can only report more epsilon than the exact one, never less.
+    """
+    check_delta(delta)
+    history = [h for h in map(check_entry, history) if h[2] > 0]  # a line of no steps released nothing
     if not history:
         return 0.0
-    if any(sigma == 0 for sigma, _, _ in history):
+    if any(sigma < NOISE_RANGE[0] for sigma, _, _ in history):
         return math.inf
     accountant = RDPAccountant()
-    accountant.history = [tuple(h) for h in history]
+    accountant.history = [(min(sigma, NOISE_RANGE[1]), q, n) for sigma, q, n in history]
     with _quiet_orders():
         return float(accountant.get_epsilon(delta))
+
+
+def check_entry(entry: object) -> Entry:
+    """``entry`` as a ledger line, or a ValueError saying what is wrong with it.
+
+    A line is [noise multiplier, sample rate, steps]: a finite noise multiplier >= 0 (0: clipping without
+    noise), a sample rate in (0, 1] and a whole number of steps from 0 to ``MAX_STEPS``. Anything else, NaN
+    or a negative step count above all, would make the accountant spin or report a negative epsilon.
+    """
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+        raise ValueError(f"{entry!r}: expected [noise multiplier, sample rate, steps]")
+    sigma, q, steps = entry
+    if not _is_real(sigma) or not (0 <= sigma < math.inf):
+        raise ValueError(f"noise multiplier {sigma!r}: expected a finite number >= 0 (0: no noise)")
+    if not _is_real(q) or not (0 < q <= 1):
+        raise ValueError(f"sample rate {q!r}: expected a number in (0, 1]")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps {steps!r}: expected a whole number from 0 to {MAX_STEPS}")
+    return float(sigma), float(q), int(steps)
+
+
+def check_delta(delta: object) -> float:
+    """``delta`` as a float in (0, 1), or a ValueError."""
+    if not _is_real(delta) or not (0 < delta < 1):
+        raise ValueError(f"delta {delta!r}: expected a number in (0, 1)")
+    return float(delta)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager
@@ -149,6 +199,60 @@ def fingerprint(samples: Samples) -> str:
     return h.hexdigest()[:16]
 
 
+def ledger_folder(node_config: Mapping[str, object], privacy: PrivacyConfig, data_root: str) -> Path:
+    """Where a site keeps its privacy ledgers: the hospital decides, never the run.
+
+    A SuperNode (its node config has ``data-dir``) keeps them in its own ``ledger-dir``, else in
+    ``<data-dir>/.fedfuse-privacy``. The run config is the coordinator's: were it to say where, it could point
+    a site at an empty folder and train the same patients again from epsilon 0. Only a simulated site
+    (``partition-id``), whose run config is its owner's, reads ``privacy.ledger_dir`` (relative: inside
+    ``data.root``; null: ``<data.root>/.fedfuse-privacy``).
+    """
+    if "ledger-dir" in node_config:
+        return Path(str(node_config["ledger-dir"]))
+    if "data-dir" in node_config:
+        return Path(str(node_config["data-dir"])) / LEDGER_FOLDER
+    return Path(data_root) / (privacy.ledger_dir or LEDGER_FOLDER)  # an absolute ledger_dir stays as it is
+
+
+def run_budget(privacy: PrivacyConfig) -> float | None:
+    """The epsilon a run lets a site (local DP) or the federation (central DP) spend: ``privacy.budget``, else
+    the run's target ``privacy.epsilon``; None: no limit (a fixed noise multiplier and no budget)."""
+    return privacy.budget if privacy.budget is not None else privacy.epsilon
+
+
+def read_ledger(path: Path) -> dict:
+    """A ledger file's contents, each entry checked (:func:`check_entry`), its history as tuples.
+
+    A file that is not a ledger, or holds an entry the accountant cannot take, is refused with a ValueError
+    naming the file and the entry, and left as it is: its owner repairs it or resets it on purpose.
+    """
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"{path}: not a valid privacy ledger: {why}; it is left as it is: repair it, or reset "
+                          "it on purpose with `fedfuse privacy reset`")
+
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise refuse(f"not readable JSON ({err})") from None
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(k), t) for k, t in LEDGER_KEYS.items()):
+        raise refuse("expected an object with " + ", ".join(f"{k} ({t.__name__})" for k, t in LEDGER_KEYS.items()))
+    try:
+        delta = check_delta(stored["delta"])
+    except ValueError as err:
+        raise refuse(str(err)) from None
+    history = []
+    for i, entry in enumerate(stored["history"]):
+        try:
+            history.append(check_entry(entry))
+        except ValueError as err:
+            raise refuse(f"history entry {i} {entry!r}: {err}") from None
+    bad = next((i for i, r in enumerate(stored["rounds"]) if not isinstance(r, dict) or "run" not in r), None)
+    if bad is not None:
+        raise refuse(f"rounds entry {bad} {stored['rounds'][bad]!r}: expected an object with its run")
+    return {**stored, "delta": delta, "history": history}
+
+
 class Ledger:
     """A site's privacy spending on one data set: the accountant's history, kept across runs."""
 
@@ -158,18 +262,13 @@ class Ledger:
         self.data = {"fingerprint": key, "site": site, "unit": privacy.unit, "delta": privacy.delta,
                      "history": [], "rounds": []}
         if self.path.is_file():
-            try:
-                stored = json.loads(self.path.read_text())
-                history = [(float(s), float(q), int(n)) for s, q, n in stored["history"]]
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{self.path}: not a readable privacy ledger ({err}); it is left as it is: "
-                                 "repair it, or reset it on purpose with `fedfuse privacy reset`") from None
+            stored = read_ledger(self.path)
             for key_name in ("unit", "delta"):
-                if stored.get(key_name) != self.data[key_name]:
+                if stored[key_name] != self.data[key_name]:
                     raise ValueError(f"{self.path}: this data's ledger is kept with privacy.{key_name} = "
-                                     f"{stored.get(key_name)!r}, the run asks for {self.data[key_name]!r}; "
+                                     f"{stored[key_name]!r}, the run asks for {self.data[key_name]!r}; "
                                      "epsilons of different units or deltas do not add up")
-            self.data = {**stored, "history": history}
+            self.data = stored
 
     @property
     def history(self) -> list[Entry]:
@@ -181,6 +280,7 @@ class Ledger:
 
     def spend(self, entry: Entry, run: str, server_round: int) -> float:
         """Add a trained round, save atomically, return the new cumulative epsilon."""
+        entry = check_entry(entry)
         last = self.history[-1] if self.history else None
         if last and last[:2] == entry[:2]:  # Opacus merges steps at the same noise and rate the same way
             self.history[-1] = (last[0], last[1], last[2] + entry[2])

@@ -13,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from shared.config import DataConfig
+from shared.privacy import epsilon, read_ledger
 from shared.site_check import check_site
 from simulations.cli import main
 from simulations.deploy import Admissions, Federation, key_fingerprint, make_certs, make_keys
@@ -110,9 +111,12 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
         assert "Failed to activate SuperNode" in (tmp_path / "processes" / "intruder.log").read_text()
         assert sorted(fed.wait_online(admissions, 3)) == sorted(node[n] for n in names[:3])
         # The server scores on its test set; the sites' own evaluation and SHAP would start 9 more processes.
+        # Local DP, and a run config that points the ledgers at an empty folder: each hospital keeps its own.
         fed.run({"federation.rounds": 2, "train.steps": 3, "federation.min_sites": 3,
                  "federation.fraction_evaluate": 0.0, "report.shap_rows": 0,
-                 "server.eval_data": str(data / "holdout")}, tmp_path / "run", echo=lambda line: None)
+                 "server.eval_data": str(data / "holdout"), "privacy.mode": "local",
+                 "privacy.ledger_dir": str(tmp_path / "coordinators-choice")}, tmp_path / "run",
+                echo=lambda line: None)
     assert processes_mentioning(str(tmp_path)) == []  # SuperLink, SuperExec, SuperNodes, ClientApps: all stopped
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sites"] == ["site-0", "site-1", "site-2"]
@@ -120,3 +124,9 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
     assert all(math.isfinite(r["train_loss"]) and "central" in r for r in metrics["rounds"])
     final = metrics["final"]
     assert final["source"] == "central" and math.isfinite(final["macro_auc"])
+    assert not (tmp_path / "coordinators-choice").exists()
+    for n in names[:3]:  # where the hospital keeps it: <data-dir>/.fedfuse-privacy, holding both rounds
+        [path] = (data / n / ".fedfuse-privacy").glob("ledger-*.json")
+        ledger = read_ledger(path)
+        assert ledger["site"] == n and sum(steps for _, _, steps in ledger["history"]) == 2 * 3
+        assert metrics["privacy"]["sites"][n]["epsilon"] == pytest.approx(epsilon(ledger["history"], 1e-5))

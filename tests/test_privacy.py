@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from client.app import app as client_app
@@ -23,6 +22,7 @@ from shared.models import build_model
 from simulations.cli import _absolute, main
 from simulations.inprocess import run_server
 from simulations.privacy_sweep import membership_auc, run_sweep
+from tests.test_ledger import opacus_after
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 2  # optimiser steps a round: enough to account for, small enough for a test
@@ -48,10 +48,7 @@ def site_train(cfg, k: int) -> Samples:
 
 def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     """Opacus' own accountant, stepped once per optimiser step."""
-    accountant = RDPAccountant()
-    for _ in range(steps):
-        accountant.step(noise_multiplier=sigma, sample_rate=q)
-    return accountant.get_epsilon(delta)
+    return opacus_after([(sigma, q, steps)], delta)
 
 
 def test_each_sites_cumulative_epsilon_is_opacus_accountants(quick_data, tmp_path):
@@ -117,6 +114,22 @@ def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(quick_data, tmp_pa
     assert list(only["privacy"]) == ["site-1"] and "stopped" not in metrics
     assert metrics["privacy"]["sites"]["site-1"]["epsilon"] < 5.0 and "site-0" not in metrics["privacy"]["sites"]
     assert json.loads(spent.path.read_text())["history"] == [[1.0, 0.5, 10_000]]  # nothing more spent
+
+
+def test_two_runs_at_other_noise_and_sample_rates_add_up_in_the_ledger(quick_data, tmp_path):
+    """A second study of the same patients with another noise and batch size: the ledger is Opacus' accountant
+    fed both runs' steps in order, neither run forgotten nor merged into the other's noise or rate."""
+    first = dp_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0})
+    second = apply_overrides(first, {"federation.rounds": 1, "privacy.noise_multiplier": 1.5,
+                                     "train.batch_size": first.train.batch_size // 2})
+    run(first, tmp_path / "first")
+    metrics = run(second, tmp_path / "second")
+    for k in range(2):
+        n = len(site_train(first, k))
+        expected = opacus_after([(1.0, first.train.batch_size / n, 2 * STEPS), (1.5, second.train.batch_size / n, STEPS)])
+        assert metrics["privacy"]["sites"][f"site-{k}"]["epsilon"] == pytest.approx(expected, abs=1e-6)
+        ledger = privacy.Ledger(tmp_path / "ledgers", site_train(first, k), first.privacy, f"site-{k}")
+        assert ledger.epsilon() == pytest.approx(expected, abs=1e-6)
 
 
 # resnet18's per-sample gradients under Opacus: tests/test_resnet.py (a federation of it takes 30 s here).
