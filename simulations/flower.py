@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 import tomli_w
@@ -210,32 +212,52 @@ def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dic
     return run_id
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# A log record's first line: Flower's coloured form, then its dated copy of the same record.
+RECORD = re.compile(r"^(?:(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*|\d\d/\d\d/\d{4} [\d:]+:(DEBUG|INFO|WARNING|ERROR|"
+                    r"CRITICAL):)(.*)$")
+# A traceback's exception line ("RuntimeError: injected fault ..."); Ray's wrapper only repeats the ClientApp's.
+EXCEPTION = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:\([\w.]*\))?: \S")
+
+
 class ScreenLines:
     """Which lines of a Flower log go to the screen: the apps' ``[fedfuse]`` lines and what went wrong.
 
-    An ``ERROR`` line, and of a traceback its first line and its last (the
-    exception and its message: a ServerApp's crash, a site's error), so the
-    cause is on screen, not only in ``flower.log``.
+    ``ERROR`` records, and the exception lines of the tracebacks that follow
+    them (a ClientApp's error reaches the log as a Ray traceback whose cause is
+    a dozen lines down; a ServerApp's crash as its own traceback), so the cause
+    is on screen, not only in ``flower.log``. Flower writes each record twice;
+    the second copy is skipped.
     """
 
     def __init__(self) -> None:
-        self.in_traceback = False
+        self.detail = False  # inside an error's traceback: show its exception lines
+        self.copy = False  # inside the dated copy of a record already seen
+        self.seen: deque[str] = deque(maxlen=50)  # recent records' messages
+        self.shown: set[str] = set()  # exception lines shown for the error at hand
 
     def __call__(self, line: str) -> str | None:
         """The text to show for ``line``, or None."""
-        text = line.rstrip()
-        if "[fedfuse]" in text:
-            self.in_traceback = False
+        text = ANSI.sub("", line).rstrip()
+        if "[fedfuse]" in text:  # one line each (the server puts a site's error in one line too)
+            self.detail, self.copy, self.shown = False, False, set()
             return text.split("[fedfuse]", 1)[1].strip()
+        record = RECORD.match(text)
+        if record:
+            level, message = record.group(1) or record.group(2), record.group(3).strip()
+            self.copy = record.group(2) is not None and message in self.seen
+            self.seen.append(message)
+            self.detail = level == "ERROR" and not self.copy
+            self.shown = self.shown if level == "ERROR" else set()  # one error's records repeat its cause
+            quiet = message.startswith(("Traceback", "ray::"))  # a traceback's first line; Ray's actor's name
+            return f"ERROR: {message}" if self.detail and not quiet else None
         if "Traceback (most recent call last)" in text:
-            self.in_traceback = True
-            return text
-        if self.in_traceback:
-            if not text or text[0].isspace() or text.startswith(("During handling", "The above exception")):
-                return None
-            self.in_traceback = False
-            return text  # the exception line: its type and message
-        return text if "ERROR" in text else None
+            self.detail = not self.copy
+            return None
+        if not self.detail or self.copy or not EXCEPTION.match(text) or text in self.shown:
+            return None
+        self.shown.add(text)
+        return f"  {text}"
 
 
 def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 0.5) -> dict:

@@ -12,9 +12,11 @@
 * No process outlives the command that started it. Direct children get a
   parent-death signal (:func:`die_with_parent`); the rest (the SuperExec, the
   simulation process, Ray and its workers are grandchildren) carry
-  ``FEDFUSE_RUN=<folder>`` in their environment, and a watchdog started by
-  :func:`hold` kills every such process once its parent is gone. The watchdog
-  shares the lock, so the folder stays locked until they are.
+  ``FEDFUSE_RUN=<folder>`` in their environment; a watchdog started by
+  :func:`hold` records its parent's descendants while the parent lives and,
+  once it is gone, kills those, their descendants and every process so
+  marked. The watchdog shares the lock, so the folder stays locked until they
+  are gone.
 
 This module imports the standard library only: the watchdog runs it as
 ``python -m simulations.runs FOLDER``.
@@ -42,6 +44,8 @@ LOCK = ".fedfuse-lock"
 OWNER_ENV = "FEDFUSE_RUN"  # set in every Flower process a run starts: the run folder
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SWEEP_S = 20.0  # the watchdog's limit for stopping what is left
+DONE = b"done"  # what hold() tells its watchdog before closing its stdin: the parent lives, the run ended
+POLL_S = 0.5  # how often the watchdog looks at its parent and records the parent's descendants
 
 
 class FolderError(RuntimeError):
@@ -196,14 +200,19 @@ def hold(folder: Path) -> Iterator[Path]:
         try:
             yield folder
         finally:
-            dog.stdin.close()  # the watchdog's signal that the run is over: it sweeps (nothing, normally) and exits
+            dog.stdin.write(DONE)  # a normal end: the watchdog sweeps what is still marked (nothing, normally)
+            dog.stdin.close()
             dog.wait()
     finally:
         os.close(fd)
 
 
 def owned_by(pid: int, folder: Path) -> bool:
-    """Whether process ``pid`` was started for a run in ``folder`` (its ``FEDFUSE_RUN`` is at or under it)."""
+    """Whether process ``pid`` was started for a run in ``folder`` (its ``FEDFUSE_RUN`` is at or under it).
+
+    Only a backup for :func:`watch`'s record: a process that rewrites its
+    title (Ray's agents) can overwrite the environment ``/proc`` shows.
+    """
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
@@ -216,31 +225,86 @@ def owned_by(pid: int, folder: Path) -> bool:
     return False
 
 
-def sweep(folder: Path, limit_s: float = SWEEP_S) -> list[int]:
-    """SIGKILL every process of a run in ``folder`` until none is left (or ``limit_s``); returns the pids killed."""
-    killed: list[int] = []
+def _table() -> dict[int, tuple[int, int]]:
+    """Every live process (not a zombie): pid -> (its parent's pid, when it started)."""
+    table = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                table[int(p.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _is_watchdog(pid: int) -> bool:
+    try:
+        return pid == os.getpid() or b"\0simulations.runs\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _family(table: dict[int, tuple[int, int]], seeds: dict[int, int], roots: frozenset[int] = frozenset(),
+            folder: Path | None = None) -> dict[int, int]:
+    """``seeds`` still alive (pid -> start), the processes marked with ``folder``, and every descendant of
+    them and of ``roots``; never a watchdog. Returns pid -> start, so a reused pid is not taken for its namesake."""
+    family = {p: s for p, s in seeds.items() if p in table and table[p][1] == s}
+    if folder is not None:
+        family.update({p: table[p][1] for p in table if owned_by(p, folder)})
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, start) in table.items():
+            if pid not in family and (ppid in family or ppid in roots):
+                family[pid] = start
+                grew = True
+    return {p: s for p, s in family.items() if not _is_watchdog(p)}
+
+
+def sweep(folder: Path, seen: dict[int, int] | None = None, limit_s: float = SWEEP_S) -> list[int]:
+    """Kill the processes of a run in ``folder``: those marked with it, ``seen`` (pid -> start), and their descendants.
+
+    Each is stopped (SIGSTOP) as it is found, so none can start a child that
+    escapes, and all are killed (SIGKILL) once a scan finds no more. Returns
+    the pids killed.
+    """
+    family: dict[int, int] = {}
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        found = [int(p.name) for p in Path("/proc").iterdir()
-                 if p.name.isdigit() and int(p.name) != os.getpid() and owned_by(int(p.name), folder)]
-        if not found:
+        found = _family(_table(), {**(seen or {}), **family}, folder=folder)
+        new = [p for p in found if p not in family]
+        if not new:
             break
-        for pid in found:
+        for pid in new:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        killed += found
-        time.sleep(0.2)  # a killed process's children may appear in the next scan
-    return killed
+                os.kill(pid, signal.SIGSTOP)
+        family.update(found)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(family)
 
 
 def watch(folder: Path) -> None:
-    """The watchdog: wait until the parent closes stdin or dies, then :func:`sweep` ``folder``."""
+    """The watchdog: record the parent's descendants until it closes stdin or dies, then :func:`sweep` ``folder``.
+
+    After a normal end (stdin closed) only what is still marked with the
+    folder is swept: the parent's other processes are none of this run's
+    business. After the parent's death, everything it started is.
+    """
     parent = os.getppid()
+    seen: dict[int, int] = {}
+    said = b""
     while os.getppid() == parent:
-        ready, _, _ = select.select([sys.stdin], [], [], 0.5)
-        if ready and not os.read(sys.stdin.fileno(), 4096):
+        ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
+        got = os.read(sys.stdin.fileno(), 64) if ready else None
+        if got == b"":  # stdin closed: by hold() after saying DONE, or by the kernel as the parent died
             break
-    sweep(folder)
+        said += got or b""
+        seen = _family(_table(), seen, roots=frozenset({parent}))
+    sweep(folder, None if said == DONE else seen)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from simulations.cli import main
 from simulations.flower import ScreenLines
 from simulations.runs import (
     LOCK,
+    OWNER_ENV,
     FolderError,
     check_replaceable,
     child,
@@ -179,55 +180,90 @@ def test_a_resume_while_another_run_holds_the_folder_is_refused(quick_data, tmp_
     assert not (run / "stale.txt").exists() and is_marked(run, "run")
 
 
-def test_the_screen_shows_site_errors_and_the_server_apps_exception():
-    log = """INFO :      [ROUND 1]
-[fedfuse] round 1: site site-1 did not train: ClientApp raised ValueError: bad tile
-DEBUG :     pulled 2 messages
-ERROR :     Simulation raised an exception
+# What `flwr log --stream` gives for a ClientApp that raised, then a ServerApp that crashed (shortened from a
+# real flower.log): each record twice (coloured, then dated), the site's reason a Ray traceback over many lines.
+FLOWER_LOG = """\x1b[92mINFO \x1b[0m:      [ROUND 1]
+\x1b[91mERROR \x1b[0m:     An exception was raised when processing a message by RayBackend
+12/01/2026 18:16:35:ERROR:An exception was raised when processing a message by RayBackend
+\x1b[91mERROR \x1b[0m:     \x1b[36mray::ClientAppActor.run()\x1b[39m (pid=22159, ip=192.0.2.2)
+  File "/x/client/app.py", line 179, in local_train
+    raise RuntimeError(f"injected fault (faults.crash): site {site.name} fails in round {server_round}")
+RuntimeError: injected fault (faults.crash): site site-1 fails in round 1
+
+The above exception was the direct cause of the following exception:
+
+\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=22159, ip=192.0.2.2)
+flwr.clientapp.client_app.ClientAppException: 
+Exception ClientAppException occurred. Message: injected fault (faults.crash): site site-1 fails in round 1
+12/01/2026 18:16:35:ERROR:\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=22159, ip=192.0.2.2)
+RuntimeError: injected fault (faults.crash): site site-1 fails in round 1
+[fedfuse] round 1: site site-1 did not train: RuntimeError: injected fault (faults.crash): site site-1 fails in round 1
+\x1b[92mINFO \x1b[0m:      aggregate_train: Received 1 results and 1 failures
+\x1b[91mERROR \x1b[0m:     Simulation raised an exception
 Traceback (most recent call last):
   File "/x/server/app.py", line 10, in main
     run_rounds(grid)
 ValueError: round 2: NaN in the global model
-INFO :      the end
+12/01/2026 18:16:40:ERROR:Simulation raised an exception
+Traceback (most recent call last):
+ValueError: round 2: NaN in the global model
 """
+
+
+def test_the_screen_shows_a_sites_error_and_the_server_apps_exception_once_each():
     screen = ScreenLines()
-    shown = [s for s in map(screen, log.splitlines(keepends=True)) if s is not None]
-    assert shown == ["round 1: site site-1 did not train: ClientApp raised ValueError: bad tile",
-                     "ERROR :     Simulation raised an exception", "Traceback (most recent call last):",
-                     "ValueError: round 2: NaN in the global model"]
+    shown = [s for s in map(screen, FLOWER_LOG.splitlines(keepends=True)) if s is not None]
+    assert shown == [
+        "ERROR: An exception was raised when processing a message by RayBackend",
+        "  RuntimeError: injected fault (faults.crash): site site-1 fails in round 1",
+        "round 1: site site-1 did not train: RuntimeError: injected fault (faults.crash): site site-1 fails in round 1",
+        "ERROR: Simulation raised an exception",
+        "  ValueError: round 2: NaN in the global model",
+    ]
 
 
 WATCHED = textwrap.dedent("""
     import subprocess, sys, time
-    from simulations.runs import OWNER_ENV, die_with_parent, hold
-    folder, other = sys.argv[1], sys.argv[2]
-    with hold(folder):
-        child = subprocess.Popen(["sleep", "120"], preexec_fn=die_with_parent(), start_new_session=True)
-        grandchild = subprocess.Popen(["sleep", "121"], env={OWNER_ENV: folder + "/seed-0"}, start_new_session=True)
-        stranger = subprocess.Popen(["sleep", "122"], env={OWNER_ENV: other}, start_new_session=True)
-        print(child.pid, grandchild.pid, stranger.pid, flush=True)
-        time.sleep(120)
+    from simulations.runs import POLL_S, die_with_parent, hold
+    with hold(sys.argv[1]):
+        child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent(), start_new_session=True)
+        # Orphaned when the shell dies, in a session of its own and unmarked: as Ray's agents are.
+        shell = subprocess.Popen(["sh", "-c", "sleep 61 & echo $!; sleep 62"], stdout=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        orphan = shell.stdout.readline().strip()
+        time.sleep(3 * POLL_S)  # the watchdog has seen them all
+        print(child.pid, shell.pid, orphan, flush=True)
+        time.sleep(60)
 """)
 
 
 def test_a_killed_owners_processes_die_with_it_and_no_one_elses(tmp_path):
-    """The parent-death signal for a child; the watchdog for what carries the run folder in its environment."""
-    owner = subprocess.Popen([sys.executable, "-c", WATCHED, str(tmp_path / "run"), str(tmp_path / "other")],
-                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    """The parent-death signal for a child; the watchdog for the rest, even where an orphan hides its origin.
+
+    A process marked with the run folder dies too, though the owner never started it; one marked with
+    another folder lives on.
+    """
+    marked = subprocess.Popen(["sleep", "63"], env={OWNER_ENV: str(tmp_path / "run" / "seed-0")})
+    stranger = subprocess.Popen(["sleep", "64"], env={OWNER_ENV: str(tmp_path / "other")})
+    owner = subprocess.Popen([sys.executable, "-c", WATCHED, str(tmp_path / "run")], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in owner.stdout.readline().split()]
     try:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         deadline = time.time() + 10
-        while any(alive(p) for p in pids[:2]) and time.time() < deadline:
+        while any(alive(p) for p in [*pids, marked.pid]) and time.time() < deadline:
             time.sleep(0.1)
-        assert [alive(p) for p in pids] == [False, False, True]
+        assert [alive(p) for p in pids] == [False, False, False]
+        assert marked.wait(timeout=1) == -signal.SIGKILL and alive(stranger.pid)
     finally:
-        for pid in pids:
+        for pid in [*pids, marked.pid, stranger.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        marked.wait()
+        stranger.wait()
 
 
 def alive(pid: int) -> bool:
@@ -240,19 +276,27 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.e2e
 def test_a_killed_simulate_leaves_no_process_and_its_folder_is_refused_while_held(quick_data, tmp_path, capsys):
-    """`fedfuse simulate` alone is SIGKILLed after round 1 (as the OOM killer does): nothing it started lives on."""
+    """`fedfuse simulate` alone is SIGKILLed after round 1 (as the OOM killer does): nothing it started lives on.
+
+    Site 1 crashes in round 1: its ClientApp's error is on the screen, not only in flower.log.
+    """
     common = ["--set", f"data.root={quick_data}", "--set", f"server.eval_data={quick_data / 'holdout'}",
               "--set", "data.sites=2", "--set", "train.steps=1", "--set", "federation.rounds=20",
-              "--set", "data.patch_size=32", "--set", "report.shap_rows=0", "--set", "model.name=cnn"]
+              "--set", "data.patch_size=32", "--set", "report.shap_rows=0", "--set", "model.name=cnn",
+              "--set", "faults.crash=[1@1]", "--set", "federation.min_sites=1"]
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", CONFIG, "--out", str(run), *common],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        shown = []
         for line in proc.stdout:
+            shown.append(line)
             if line.startswith("round  1/"):
                 break
         else:
-            pytest.fail(f"the run ended before round 1 (exit {proc.wait()})")
+            pytest.fail(f"the run ended before round 1 (exit {proc.wait()}):\n{''.join(shown)}")
+        assert "round 1: site site-1 did not train: RuntimeError: injected fault (faults.crash): site site-1 fails " \
+               "in round 1\n" in shown, "".join(shown)
         deadline = time.time() + 60
         while not (run / checkpoint.FILE).is_file():
             assert time.time() < deadline, "no checkpoint after round 1"
