@@ -239,7 +239,8 @@ def ehr_stats(msg: Message, context: Context) -> Message:
     site = _site(context, raw_stain=True)
     stats = {k: v.tolist() for k, v in ehr_statistics(site.train.ehr).items()}
     return Message(RecordDict({"stats": MetricRecord(stats),
-                               "site": ConfigRecord({"name": site.name, "examples": len(site.train)})}), reply_to=msg)
+                               "site": ConfigRecord({"name": site.name, "examples": len(site.train),
+                                                     "test-examples": len(site.test)})}), reply_to=msg)
 
 
 @app.query("shap")

@@ -32,6 +32,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from client.wire import UNIFORM
 from server.record import RunRecord
 from shared.config import Config, classes_of
+from shared.privacy import run_budget
 from shared.serde import unflatten_metrics
 
 STRATEGIES: dict[str, type[FedAvg]] = {
@@ -216,7 +217,7 @@ def _central_dp(cfg: Config, inner: FedAvg, record: RunRecord, site_names: dict[
     p, sites = cfg.privacy, len(site_names)
     sigma = p.noise_multiplier if p.noise_multiplier is not None else central_noise(p.epsilon, p.delta,
                                                                                     cfg.federation.rounds)
-    budget = p.budget if p.budget is not None else p.epsilon
+    budget = run_budget(p)
     base = DifferentialPrivacyServerSideFixedClipping if p.clipping == "server" else \
         DifferentialPrivacyClientSideFixedClipping
     cls = type(f"Recording{base.__name__}", (CentralRecording, base), {})

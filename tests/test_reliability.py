@@ -19,7 +19,7 @@ from client.app import app as client_app
 from client.wire import from_record, to_record
 from server import checkpoint
 from server.app import app as server_app
-from server.loop import check_update, checked
+from server.loop import Declared, check_update, checked
 from shared.config import apply_overrides, flatten, load
 from simulations.cli import _absolute, main
 from simulations.inprocess import run_server
@@ -36,8 +36,12 @@ def sent(node: int) -> Message:
 
 
 def reply(to: Message, arrays: dict[str, np.ndarray]) -> Message:
-    return Message(RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 10})}),
-                   reply_to=to)
+    metrics = {"train_loss": 0.5, "num-examples": 10, "site-index": 0, "epsilon": math.nan,
+               "epsilon-patient": math.nan, "delta-patient": math.nan}
+    return Message(RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=to)
+
+
+DECLARED = {node: Declared(examples=10) for node in (1, 2, 3, 11, 12, 13, 14)}  # each site's training examples
 
 
 def test_nan_and_wrong_shape_updates_are_rejected_and_the_rest_aggregated():
@@ -49,7 +53,7 @@ def test_nan_and_wrong_shape_updates_are_rejected_and_the_rest_aggregated():
     out = [sent(n) for n in (11, 12, 13, 14)]
     replies = [reply(out[2], wrong_shape), reply(out[0], good), reply(out[1], nan)]  # 14 never answers
     names = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d"}
-    result = checked(cfg, out, replies, to_record(glob), names.get)
+    result = checked(cfg, out, replies, to_record(glob), names.get, DECLARED)
     assert [names[m.metadata.src_node_id] for m in result] == ["site-a", "site-b", "site-c", "site-d"]
     assert not result[0].has_error()
     assert "NaN" in result[1].error.reason and "'w'" in result[1].error.reason
@@ -75,7 +79,7 @@ def test_an_update_far_larger_than_the_rounds_median_is_rejected():
     out = [sent(n) for n in (1, 2, 3)]
     replies = [reply(out[0], {"w": np.full(4, 1.0, np.float32)}), reply(out[1], {"w": np.full(4, 1.2, np.float32)}),
                reply(out[2], {"w": np.full(4, 50.0, np.float32)})]
-    result = checked(cfg, out, replies, to_record(glob), str)
+    result = checked(cfg, out, replies, to_record(glob), str, DECLARED)
     assert [m.has_error() for m in result] == [False, False, True]
     assert "max_update_ratio" in result[2].error.reason
 
