@@ -138,7 +138,9 @@ class PrivacyConfig:
     unit: str = "patch"  # local: what one clipped contribution is: patch (one sample) | patient (all of a patient's)
     patches_per_patient: int = 8  # unit patient: at most this many of a sampled patient's samples in a step
     budget: float | None = None  # local: a site's total epsilon in its ledger, across runs; null: epsilon
-    ledger_dir: str | None = None  # sites' ledgers; null: <data.root>/.fedfuse-privacy; relative: inside data.root
+    # Simulated sites' ledgers; null: <data.root>/.fedfuse-privacy; relative: inside data.root. A SuperNode never
+    # reads it: its ledger stays where its own node config says (ledger-dir, default <data-dir>/.fedfuse-privacy).
+    ledger_dir: str | None = None
     audit_fraction: float = 0.0  # share of each site's training units kept out of training (membership audit)
     # SecAgg+ (Flower's legacy API, FedAvg only; server/secagg.py): the server learns only the sum of the sites' updates
     secure_aggregation: bool = False
