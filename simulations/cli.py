@@ -288,11 +288,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _trained(folder: Path) -> dict:
-    """The run's metrics.json; refuses a run that trained nothing (every site declined, or none answered)."""
-    metrics = json.loads((folder / "metrics.json").read_text())
-    if not any("train_loss" in r or r.get("central") or r.get("federated") for r in metrics.get("rounds", [])):
-        why = metrics.get("stopped") or "no round completed"
-        raise SimulationError(f"the run trained nothing: {why} (metrics: {folder / 'metrics.json'})")
+    """The run's metrics.json, saying why it stopped early; refuses a run that trained nothing."""
+    from simulations.flower import trained
+
+    metrics = trained(folder)
     if metrics.get("stopped"):
         print(f"stopped early: {metrics['stopped']}", flush=True)
     return metrics

@@ -296,7 +296,8 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
     """Run the app for ``cfg`` into ``run_dir``: Flower's simulation engine, or the in-process Grid.
 
     ``data.leave_out`` takes one site out of the federation (``data.sites - 1``
-    SuperNodes). ``run_dir`` is marked as a run and held (one writer) meanwhile.
+    SuperNodes). ``run_dir`` is marked as a run and held (one writer)
+    meanwhile. Raises :class:`SimulationError` if the run trained nothing.
     """
     from shared.config import flatten
 
@@ -314,6 +315,17 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
             run_server(server_app, client_app, run_config, n_sites)
         else:
             run_simulation(run_dir, run_config, n_sites, cfg.simulation.cpus_per_site, echo=echo)
+    trained(run_dir)
+
+
+def trained(run_dir: Path) -> dict:
+    """``run_dir``'s metrics.json; a run that trained nothing raises, with the server's reason (every site
+    declined for its privacy budget, or none answered)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if not any("train_loss" in r or r.get("central") or r.get("federated") for r in metrics.get("rounds", [])):
+        why = metrics.get("stopped") or "no round completed"
+        raise SimulationError(f"the run trained nothing: {why} (metrics: {run_dir / 'metrics.json'})")
+    return metrics
 
 
 def flwr_run_local(extra_args: list[str]) -> int:

@@ -34,7 +34,7 @@ def load_model(cfg: Config, run_dir: Path) -> learner.Weights:
             learner.network(cfg, weights)  # the configured model's names and shapes, or a RuntimeError naming them
     # torch and xgboost raise any of these for a damaged file; the message's first line says what they found.
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, pickle.UnpicklingError) as err:
-        found = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise DataFormatError(f"{path}: not a readable {cfg.model.name} model ({found}); expected the file "
                               f"`fedfuse simulate` wrote with {run_dir / 'config.yaml'}") from None
     broken = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]

@@ -72,3 +72,11 @@ def test_key_names_that_leave_the_folder_or_repeat(tmp_path, capsys, names):
     assert main(["deploy", "keys", "--out", str(out), "--names", names.format(tmp=tmp_path)]) == 2
     assert "--names" in error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_paper_model_that_is_not_one(tmp_path, capsys):
+    config = tmp_path / "paper.yaml"
+    config.write_text("paper:\n  models: [cnn, ../../x]\n  budgets: {cnn: 4, ../../x: 4}\n")
+    assert main(["paper", "--config", str(config)]) == 2
+    assert f"{config}: paper.models: unknown model(s) '../../x'; expected some of cnn" in error_line(capsys)
+    assert list(tmp_path.iterdir()) == [config]

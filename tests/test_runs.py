@@ -316,3 +316,29 @@ def test_a_killed_simulate_leaves_no_process_and_its_folder_is_refused_while_hel
             proc.kill()
     with hold(run):  # free again: the next --resume may take it
         pass
+
+
+def test_deploy_local_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    """A try replaces the coordinator's certificates and keys: never in a real coordinator's folder."""
+    theirs = tmp_path / "coordinator-home"
+    (theirs / "coordinator").mkdir(parents=True)
+    (theirs / "coordinator" / "ca.key").write_text("the federation's real CA key")
+    before = tree(theirs)
+    assert main(["deploy", "local", "--out", str(theirs)]) == 2
+    assert marker(theirs, "deploy").name in capsys.readouterr().err
+    assert tree(theirs) == before
+
+
+def test_privacy_sweep_refuses_a_folder_that_holds_no_sweep(quick_data, tmp_path, capsys):
+    theirs = hospital(tmp_path / "results")
+    before = tree(theirs)
+    assert main(["privacy-sweep", CONFIG, *ehr_run(quick_data), "--out", str(theirs)]) == 2
+    assert "holds no sweep" in capsys.readouterr().err
+    assert tree(theirs) == before
+
+
+def test_a_run_name_never_leaves_runs(quick_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--set", "name=../../escaped"]) == 2
+    assert "name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "escaped").exists()
