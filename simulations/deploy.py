@@ -41,9 +41,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.cache import write_json
 from simulations.flower import (
     BIN,
-    _children,
     _flwr,
     _free_port,
+    children,
     flower_env,
     stop_tree,
     submit_and_follow,
@@ -305,7 +305,7 @@ class Federation:
 
     def _superlink_children(self) -> list[int]:
         sl = self.procs.get("superlink")
-        return _children(sl.pid) if sl else []
+        return children(sl.pid) if sl else []
 
     def wait_online(self, admissions: Admissions, count: int, timeout: float = 60) -> list[int]:
         """Node ids once ``count`` SuperNodes are connected; raises with the logs' names if they are not."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tomli_w
 
-from simulations.runs import OWNER_ENV, die_with_parent, hold, mark
+from simulations.runs import OWNER_ENV, die_with_parent, hold, mark, processes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -73,24 +73,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(p.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s live children."""
+    return [child for child, (parent, _) in processes().items() if parent == pid]
 
 
 def stop_tree(pid: int, grace: float = 5.0, known_groups: tuple[int, ...] = ()) -> None:
@@ -100,7 +85,7 @@ def stop_tree(pid: int, grace: float = 5.0, known_groups: tuple[int, ...] = ()) 
     (during a run the SuperLink waits on open log streams and Ray's agents
     ignore SIGTERM).
     """
-    groups = {pid} | set(_children(pid)) | set(known_groups)  # known: found while the SuperLink was alive
+    groups = {pid} | set(children(pid)) | set(known_groups)  # known: found while the SuperLink was alive
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for g in groups:
             try:
@@ -108,7 +93,7 @@ def stop_tree(pid: int, grace: float = 5.0, known_groups: tuple[int, ...] = ()) 
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.time() + grace
-        while time.time() < deadline and any(_alive(g) for g in groups):
+        while time.time() < deadline and groups & processes().keys():
             time.sleep(0.2)
 
 
@@ -158,7 +143,7 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
             cpus = int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site
             submit_and_follow(env, run_dir / "run_config.toml", run_config, log, log_path, echo,
                               federation_config=f"num-supernodes={num_sites} client-resources-num-cpus={cpus}",
-                              on_submitted=lambda: helpers.extend(_children(superlink.pid)))
+                              on_submitted=lambda: helpers.extend(children(superlink.pid)))
         finally:
             stop_tree(superlink.pid, grace=2.0, known_groups=tuple(helpers))  # the run is over: no long wait
             superlink.wait()

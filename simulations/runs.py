@@ -173,12 +173,19 @@ def _owner(lock: Path) -> str:
             "being stopped; retry in a few seconds")
 
 
-def _start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot): with the pid, it names one process, not a reused pid."""
+def _stat(pid: int | str) -> tuple[str, int, int] | None:
+    """``pid``'s state, parent's pid and start (clock ticks since boot; with the pid, it names one process and
+    not a reuse of its pid), from ``/proc``; None if it is gone."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    stat = _stat(pid)
+    return stat[2] if stat else None
 
 
 @contextlib.contextmanager
@@ -186,9 +193,10 @@ def hold(folder: Path) -> Iterator[Path]:
     """Be ``folder``'s one writer while the block runs, and stop what is left of its processes after it.
 
     Creates ``folder`` if needed. Raises :class:`FolderError` while another
-    live command holds it. A watchdog shares the lock: if this process dies
-    (SIGKILL, the OOM killer), it kills every process whose environment has
-    ``FEDFUSE_RUN`` at or under ``folder``, and only then is the folder free.
+    live command holds it. A watchdog (:func:`watch`) shares the lock: if this
+    process dies (SIGKILL, the OOM killer), it kills what this process started
+    and every process whose environment has ``FEDFUSE_RUN`` at or under
+    ``folder``, and only then is the folder free.
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -225,18 +233,10 @@ def owned_by(pid: int, folder: Path) -> bool:
     return False
 
 
-def _table() -> dict[int, tuple[int, int]]:
+def processes() -> dict[int, tuple[int, int]]:
     """Every live process (not a zombie): pid -> (its parent's pid, when it started)."""
-    table = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z":
-                table[int(p.name)] = (int(fields[1]), int(fields[19]))
-    return table
+    stats = {int(p.name): _stat(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    return {pid: (stat[1], stat[2]) for pid, stat in stats.items() if stat and stat[0] != "Z"}
 
 
 def _is_watchdog(pid: int) -> bool:
@@ -273,7 +273,7 @@ def sweep(folder: Path, seen: dict[int, int] | None = None, limit_s: float = SWE
     family: dict[int, int] = {}
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        found = _family(_table(), {**(seen or {}), **family}, folder=folder)
+        found = _family(processes(), {**(seen or {}), **family}, folder=folder)
         new = [p for p in found if p not in family]
         if not new:
             break
@@ -303,7 +303,7 @@ def watch(folder: Path) -> None:
         if got == b"":  # stdin closed: by hold() after saying DONE, or by the kernel as the parent died
             break
         said += got or b""
-        seen = _family(_table(), seen, roots=frozenset({parent}))
+        seen = _family(processes(), seen, roots=frozenset({parent}))
     sweep(folder, None if said == DONE else seen)
 
 
