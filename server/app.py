@@ -19,7 +19,6 @@ stain or SHAP reply is left out of that aggregate. The run goes on while
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,24 @@ from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, run_round
 from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy, site_error
 from shared import explain, learner, stain
-from shared.config import Config, classes_of, dump, eval_data_path, focus_class, from_run_config, run_name, task_of
+from shared.config import (
+    MAX_NAME,
+    Config,
+    classes_of,
+    dump,
+    eval_data_path,
+    focus_class,
+    from_run_config,
+    is_plain_name,
+    run_name,
+    task_of,
+)
 from shared.data import Samples, load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
 from shared.mimic import FEATURES
 
 APP_ROOT = Path(__file__).resolve().parent.parent
-MAX_NAME = 100  # characters of a site name
 MAX_EHR_VALUE = 1e6  # no EHR feature (shared/mimic.py: age, vitals, lab values, flags) comes near it in its unit
 app = ServerApp()
 
@@ -60,12 +69,10 @@ def _site_name(reply: Message, taken: dict[int, str]) -> str:
     spent twice) or one posing as another, and either needs its IT team, not a suffix."""
     site = reply.content.config_records.get("site")
     name = site.get("name") if site is not None else None
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
-        raise ValueError(f"site name {name!r}: expected a non-empty string of at most {MAX_NAME} characters "
-                         "(ConfigRecord 'site', key 'name')")
-    if any(part in name for part in ("/", "\\", "..")) or any(unicodedata.category(c).startswith("C") for c in name):
-        raise ValueError(f"site name {name!r}: expected no '/', '\\', '..' or control characters (a node's "
-                         "site-name names the hospital in reports and files)")
+    if not isinstance(name, str) or not is_plain_name(name):
+        raise ValueError(f"site name {name!r}: expected 1 to {MAX_NAME} characters without '/', '\\', '..' or "
+                         "control characters (ConfigRecord 'site', key 'name': a node's site-name names the "
+                         "hospital in reports and files)")
     owner = next((node for node, taken_name in taken.items() if taken_name == name), None)
     if owner is not None:
         raise ValueError(f"site name {name!r} is node {owner}'s already: each site needs its own site-name")

@@ -287,10 +287,12 @@ PATH_KEYS = ("data.root", "data.cache_dir", "data.stain_reference", "model.pretr
 WEEK_S = 7 * 24 * 3600.0
 
 
-def _is_plain_name(name: str) -> bool:
-    """Whether ``name`` is one safe path component: not empty, no separator, no ``..``, no control character."""
-    return (0 < len(name) <= MAX_NAME and ".." not in name and not any(c in "/\\" for c in name)
-            and not any(unicodedata.category(c).startswith("C") for c in name))
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is one safe path component: not empty or only dots and blanks, at most ``MAX_NAME``
+    characters, no separator, no ``..``, no control character. The one rule for every name that becomes a file
+    or folder: a run's, a site's, a key's."""
+    return (0 < len(name) <= MAX_NAME and name.strip(". ") != "" and ".." not in name
+            and not any(c in "/\\" for c in name) and not any(unicodedata.category(c).startswith("C") for c in name))
 
 
 def _setting(cfg: Config, key: str) -> Any:
@@ -389,7 +391,7 @@ def _check(cfg: Config) -> Config:
     if cfg.federation.strategy == "xgb_bagging" and cfg.model.xgb_local_rounds != 1:
         raise ConfigError("model.xgb_local_rounds: xgb_bagging appends one tree per site a round "
                           f"(Flower keeps num_parallel_tree trees of each reply); got {cfg.model.xgb_local_rounds}")
-    if not _is_plain_name(cfg.name):
+    if not is_plain_name(cfg.name):
         raise ConfigError(f"name: expected one folder name (it names the run's folder): 1 to {MAX_NAME} characters, "
                           f"no '/', '\\', '..' or control characters; got {_shown(cfg.name)}")
     for key, ok, expected in _ranges(cfg):

@@ -342,19 +342,20 @@ def _report_command(args: argparse.Namespace) -> int:
 def _privacy_ledgers(args: argparse.Namespace) -> list[Path]:
     folder = Path(args.dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such ledger folder (privacy.ledger_dir, default "
-                                "<data.root>/.fedfuse-privacy, or the SuperNode's ledger-dir)")
+        raise FileNotFoundError(f"{folder}: no such ledger folder (a SuperNode's: its ledger-dir, default "
+                                "<data-dir>/.fedfuse-privacy; a simulation's: privacy.ledger_dir, default "
+                                "<data.root>/.fedfuse-privacy)")
     return sorted(folder.glob("ledger-*.json"))
 
 
 def _privacy_show(args: argparse.Namespace) -> int:
-    from shared.privacy import epsilon
+    from shared.privacy import epsilon, read_ledger
 
     ledgers = _privacy_ledgers(args)
     for path in ledgers:
-        d = json.loads(path.read_text())
+        d = read_ledger(path)
         runs = len({r["run"] for r in d["rounds"]})
-        eps = epsilon([tuple(h) for h in d["history"]], d["delta"])
+        eps = epsilon(d["history"], d["delta"])
         print(f"{path.name}: site {d['site']}, epsilon {eps:.4g} per {d['unit']} at delta {d['delta']:g}, "
               f"{len(d['rounds'])} rounds in {runs} run(s)")
     if not ledgers:
@@ -493,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting (repeatable), e.g. --set federation.rounds=3")
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>); must not exist, unless --force")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round (its "
-                   "checkpoint.pkl), with the same config and --set options")
-    r.add_argument("--force", action="store_true", help="replace an existing --out folder")
+                   "checkpoint.json), with the same config and --set options")
+    r.add_argument("--force", action="store_true", help="replace an existing --out folder that fedfuse simulate made "
+                   "(its .fedfuse-run marker); never data.root, the holdout or a folder holding them")
     r.add_argument("--seeds", help="repeat the run for each seed, e.g. 0,1,2 (into seed-<s>/), and report "
                    "mean and std in summary.json")
     r.set_defaults(func=_simulate)
@@ -539,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("privacy", help="the sites' privacy ledgers: what each data set has spent")
     pvsub = pv.add_subparsers(dest="privacy_command", required=True)
     show = pvsub.add_parser("show", help="the cumulative epsilon of every ledger in a folder")
-    show.add_argument("dir", help="ledger folder (privacy.ledger_dir; default <data.root>/.fedfuse-privacy)")
+    show.add_argument("dir", help="ledger folder (a SuperNode's ledger-dir, default <data-dir>/.fedfuse-privacy; "
+                      "a simulation's privacy.ledger_dir, default <data.root>/.fedfuse-privacy)")
     show.set_defaults(func=_privacy_show)
     reset = pvsub.add_parser("reset", help="start every ledger in a folder from zero (the old ones are kept, renamed)")
     reset.add_argument("dir", help="ledger folder")

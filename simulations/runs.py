@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from shared.config import MAX_NAME, is_plain_name
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCK = ".fedfuse-lock"
 OWNER_ENV = "FEDFUSE_RUN"  # set in every Flower process a run starts: the run folder
@@ -55,13 +57,11 @@ class FolderError(RuntimeError):
 def child(folder: Path, name: str, what: str) -> Path:
     """``folder / name`` for a ``name`` the user chose (``what`` says where it came from, for the error).
 
-    Refuses a name that is not one plain path component: empty, ``.``,
-    ``..``, or holding a ``/``, a backslash or a NUL.
+    Refuses a name that is not one plain path component (``shared.config.is_plain_name``).
     """
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise FolderError(f"{what}: {name!r} is not a plain name; expected letters, digits, '-', '_' or '.', "
-                          "without '/' and not '.' or '..' (it names a file or folder inside "
-                          f"{Path(folder)})")
+    if not is_plain_name(name):
+        raise FolderError(f"{what}: {name!r} is not a plain name; expected 1 to {MAX_NAME} characters without '/', "
+                          f"'\\', '..' or control characters (it names a file or folder inside {Path(folder)})")
     return Path(folder) / name
 
 
