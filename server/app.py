@@ -35,14 +35,13 @@ from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy, site_error
 from shared import explain, learner, stain
 from shared.config import (
-    MAX_NAME,
     Config,
+    check_plain_name,
     classes_of,
     dump,
     eval_data_path,
     focus_class,
     from_run_config,
-    is_plain_name,
     run_name,
     task_of,
 )
@@ -69,10 +68,7 @@ def _site_name(reply: Message, taken: dict[int, str]) -> str:
     spent twice) or one posing as another, and either needs its IT team, not a suffix."""
     site = reply.content.config_records.get("site")
     name = site.get("name") if site is not None else None
-    if not isinstance(name, str) or not is_plain_name(name):
-        raise ValueError(f"site name {name!r}: expected 1 to {MAX_NAME} characters without '/', '\\', '..' or "
-                         "control characters (ConfigRecord 'site', key 'name': a node's site-name names the "
-                         "hospital in reports and files)")
+    check_plain_name(name, "site name (ConfigRecord 'site', key 'name': it names the hospital in reports and files)")
     owner = next((node for node, taken_name in taken.items() if taken_name == name), None)
     if owner is not None:
         raise ValueError(f"site name {name!r} is node {owner}'s already: each site needs its own site-name")

@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from shared.config import Config, flatten
+from shared.config import Config, fixed_settings, settings_changed
 from shared.config import load as load_config
 
 FILE = "checkpoint.json"
@@ -54,7 +54,6 @@ DATA = re.compile(r"checkpoint-(\d+)\.(safetensors|json)")
 # smaller. 5.8e36 (a tampered or corrupted file) is not a weight.
 WEIGHT_BOUND = 1e6
 # Settings a resume may change: more rounds; injected faults (faults.*) are how a test stops a run, not what it trains.
-MAY_CHANGE = ("federation.rounds", "faults.")
 # Attributes of fedfuse's strategy classes that are wiring, rebuilt from the config on resume, not state; Flower's
 # metric aggregation functions are the constructor's defaults (code, not state).
 WIRING = {"record", "site_names", "classes", "trained", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"}
@@ -173,7 +172,7 @@ def save(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], strate
     tensors |= {"rng/numpy": numpy[1], "rng/torch": torch_state.numpy()}
     state = {
         "version": VERSION, "round": server_round, "arrays": list(arrays), "strategy": tree, "record": record,
-        "best_round": _best_round(record), "settings": _settings(load_config(run_dir / "config.yaml")),
+        "best_round": _best_round(record), "settings": fixed_settings(load_config(run_dir / "config.yaml")),
         "rng": {"python": [python[0], list(python[1]), python[2]], "numpy": [numpy[0], *numpy[2:]]},
     }
     files = {f"checkpoint-{server_round}.safetensors": save_tensors(tensors),
@@ -214,7 +213,7 @@ def load(run_dir: Path, cfg: Config) -> dict:
         raise ValueError(f"{tensor_file}: not a safetensors file ({err})") from None
     _check_weights(tensor_file, tensors)
     state = _state(state_file, state_bytes)
-    changed = _changed(state["settings"], _settings(cfg))
+    changed = settings_changed(state["settings"], fixed_settings(cfg))
     if changed:
         raise ValueError(f"{state_file}: written by a run with other settings ({', '.join(changed[:8])} differ); "
                          "expected the run's own config and --set options (only federation.rounds may change)")
@@ -241,14 +240,6 @@ def _best_round(record: dict) -> int | None:
     scored = [r for r in record["rounds"] if r.get("central") or r.get("federated")]
     best = max(scored, key=lambda r: (r.get("central") or r["federated"])["macro_auc"], default=None)
     return best["round"] if best else None
-
-
-def _settings(cfg: Config) -> dict[str, bool | int | float | str]:
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(MAY_CHANGE)}
-
-
-def _changed(saved: dict, now: dict) -> list[str]:
-    return sorted(k for k in saved.keys() | now.keys() if k not in saved or k not in now or saved[k] != now[k])
 
 
 def _write_durably(path: Path, data: bytes) -> None:

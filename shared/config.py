@@ -281,18 +281,37 @@ def classes_of(cfg: Config) -> tuple[str, ...]:
 
 
 MAX_NAME = 100  # characters of ``name``: a run folder is <name>-<timestamp>, within every file system's 255 bytes
+NAME_BYTES = 255  # the longest file or folder name common file systems take
+RESUME_MAY_CHANGE = ("federation.rounds", "faults.")  # a resume may extend a run, and add or drop injected faults
 # Settings that name a file or folder: an empty one would mean the working directory, a NUL cannot be opened.
 PATH_KEYS = ("data.root", "data.cache_dir", "data.stain_reference", "model.pretrained", "server.eval_data",
              "privacy.ledger_dir")
 WEEK_S = 7 * 24 * 3600.0
 
 
-def is_plain_name(name: str) -> bool:
-    """Whether ``name`` is one safe path component: not empty or only dots and blanks, at most ``MAX_NAME``
-    characters, no separator, no ``..``, no control character. The one rule for every name that becomes a file
-    or folder: a run's, a site's, a key's."""
-    return (0 < len(name) <= MAX_NAME and name.strip(". ") != "" and ".." not in name
-            and not any(c in "/\\" for c in name) and not any(unicodedata.category(c).startswith("C") for c in name))
+def check_plain_name(name: object, what: str, max_chars: int = MAX_NAME) -> str:
+    """``name`` if it is one safe path component, else a ConfigError naming ``what`` and what was expected.
+
+    The one rule for every name that becomes a file or folder (a run's, a site's, a key's): 1 to ``max_chars``
+    characters and at most 255 bytes (a name on every common file system), not only dots and blanks, no
+    separator, no ``..``, no control character.
+    """
+    if not (isinstance(name, str) and 0 < len(name) <= max_chars and len(name.encode()) <= NAME_BYTES
+            and name.strip(". ") != "" and ".." not in name and not any(c in "/\\" for c in name)
+            and not any(unicodedata.category(c).startswith("C") for c in name)):
+        raise ConfigError(f"{what}: expected one plain name, 1 to {max_chars} characters ({NAME_BYTES} bytes) "
+                          f"without '/', '\\', '..' or control characters; got {_shown(name)}")
+    return name
+
+
+def fixed_settings(cfg: Config) -> dict[str, Any]:
+    """The flat settings a resumed run must keep: all but :data:`RESUME_MAY_CHANGE`."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUME_MAY_CHANGE)}
+
+
+def settings_changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two :func:`fixed_settings`, sorted."""
+    return sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or before[k] != now[k])
 
 
 def _setting(cfg: Config, key: str) -> Any:
@@ -391,9 +410,7 @@ def _check(cfg: Config) -> Config:
     if cfg.federation.strategy == "xgb_bagging" and cfg.model.xgb_local_rounds != 1:
         raise ConfigError("model.xgb_local_rounds: xgb_bagging appends one tree per site a round "
                           f"(Flower keeps num_parallel_tree trees of each reply); got {cfg.model.xgb_local_rounds}")
-    if not is_plain_name(cfg.name):
-        raise ConfigError(f"name: expected one folder name (it names the run's folder): 1 to {MAX_NAME} characters, "
-                          f"no '/', '\\', '..' or control characters; got {_shown(cfg.name)}")
+    check_plain_name(cfg.name, "name (it names the run's folder, with a timestamp)")
     for key, ok, expected in _ranges(cfg):
         if not ok:
             raise ConfigError(f"{key}: expected {expected}, got {_shown(_setting(cfg, key))}")

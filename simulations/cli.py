@@ -21,11 +21,13 @@ from shared.config import (
     ConfigError,
     dump,
     eval_data_path,
+    fixed_settings,
     flatten,
     focus_class,
     load,
     parse_assignments,
     run_name,
+    settings_changed,
     task_of,
 )
 from shared.errors import DataFormatError
@@ -217,11 +219,11 @@ def _same_run(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"{saved}: not a run folder written by `fedfuse simulate` (no config.yaml)")
-    before, now = flatten(load(saved)), flatten(cfg)
-    changed = sorted(k for k in before.keys() | now.keys() if k != "federation.rounds" and before.get(k) != now.get(k))
+    changed = settings_changed(fixed_settings(load(saved)), fixed_settings(cfg))
     if changed:
         raise ConfigError(f"--resume {run_dir}: the config differs from the run's in {', '.join(changed[:8])}; "
-                          "resume with the same config and --set options (only federation.rounds may grow)")
+                          "resume with the same config and --set options (only federation.rounds may grow, "
+                          "and faults.* may change)")
 
 
 def _kept(cfg: Config, config_file: str) -> dict[str, str | None]:

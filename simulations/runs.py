@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-from shared.config import MAX_NAME, is_plain_name
+from shared.config import NAME_BYTES, ConfigError, check_plain_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCK = ".fedfuse-lock"
@@ -57,12 +57,12 @@ class FolderError(RuntimeError):
 def child(folder: Path, name: str, what: str) -> Path:
     """``folder / name`` for a ``name`` the user chose (``what`` says where it came from, for the error).
 
-    Refuses a name that is not one plain path component (``shared.config.is_plain_name``).
+    Refuses a name that is not one plain path component (``shared.config.check_plain_name``).
     """
-    if not is_plain_name(name):
-        raise FolderError(f"{what}: {name!r} is not a plain name; expected 1 to {MAX_NAME} characters without '/', "
-                          f"'\\', '..' or control characters (it names a file or folder inside {Path(folder)})")
-    return Path(folder) / name
+    try:
+        return Path(folder) / check_plain_name(name, f"{what} (a name inside {Path(folder)})", max_chars=NAME_BYTES)
+    except ConfigError as err:
+        raise FolderError(str(err)) from None
 
 
 def marker(folder: Path, kind: str) -> Path:

@@ -150,7 +150,7 @@ def test_nonsense_values_are_refused_with_the_key_and_what_was_expected(tmp_path
 @pytest.mark.parametrize("name", ["../../x", "a/b", "a\\b", "..", "", "run\x00", "tab\there", "new\nline",
                                   "x" * 101])
 def test_a_name_that_is_not_one_folder_name_is_refused(name):
-    with pytest.raises(ConfigError, match=r"^overrides: name: expected one folder name .* got "):
+    with pytest.raises(ConfigError, match=r"^overrides: name \(it names the run's folder.*\): expected one plain name"):
         apply_overrides(Config(), {"name": name})
 
 
