@@ -25,8 +25,12 @@ The model behind a tile, top to bottom:
     share that grows with grade is hyperchromatic (as dark as a mitosis, but
     smooth and membrane-bound), and some are cut tangentially (small, dark,
     featureless).
-  - ``non_tumor``: lymphocytes (small, round, dense), fibroblasts (thin
-    spindles along the fibres), plasma cells and endothelial nuclei.
+  - ``non_tumor``: lymphocytes (small, round, dense; some activated, larger
+    and paler), fibroblasts (thin spindles along the fibres), plasma cells,
+    histiocytes (pale, oval or kidney-shaped, the size of a small tumour
+    nucleus), endothelial nuclei round capillaries with red cells, and flat
+    myoepithelial nuclei on the rim of nests still in situ. Annotators mark
+    those in the tumour's field more often than those deep in stroma.
   - ``mitosis``: no membrane; condensed chromosomes with hairy, irregular
     outlines as a metaphase band, an anaphase pair, or clumped prophase or
     prometaphase chromatin, in a rounded, clearer cell.
@@ -238,6 +242,8 @@ def _accumulate(canvas: np.ndarray, x: np.ndarray, y: np.ndarray, stamps: np.nda
     pad = np.zeros((hgt + 2 * size, wid + 2 * size), np.float64)
     x0 = np.floor(x).astype(np.int64) - half + size
     y0 = np.floor(y).astype(np.int64) - half + size
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 + size <= pad.shape[1]) & (y0 + size <= pad.shape[0])
+    x0, y0, stamps = x0[inside], y0[inside], stamps[inside]  # a window wholly off the tile adds nothing
     iy, ix = np.mgrid[0:size, 0:size]
     idx = (y0[:, None, None] + iy[None]) * pad.shape[1] + (x0[:, None, None] + ix[None])
     pad.ravel()[:] = np.bincount(idx.ravel(), weights=stamps.ravel().astype(np.float64), minlength=pad.size)
@@ -275,32 +281,61 @@ def _halo(canvas: np.ndarray, x: np.ndarray, y: np.ndarray, radius: np.ndarray, 
 
 
 def _tumour_nuclei(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, grade: float) -> dict[str, np.ndarray]:
-    """Carcinoma nuclei: vesicular with nucleoli; some hyperchromatic, some cut tangentially. Grade shifts them all."""
+    """Carcinoma nuclei, and among them the look-alikes of a mitosis. Grade shifts them all.
+
+    Most are vesicular with a membrane rim and nucleoli. The rest are what a
+    pathologist must tell from a mitotic figure: hyperchromatic nuclei (as
+    dark, but smooth and membrane-bound), crushed or folded hyperchromatic
+    nuclei (dark, elongated, a ragged edge, but homogeneous and membrane-bound),
+    nuclei with coarse clumped chromatin (like prophase, but with nucleoli and
+    a rim) and tangential cuts (small, dark, featureless).
+    """
     n = len(x)
     pleo = float(np.clip(0.55 + 0.25 * grade, 0.15, 1.2))
-    r = np.clip(rng.normal(11.5 + 0.7 * grade, 1.0 + 1.0 * pleo, n), 8.0, 17.0)
-    kind = rng.random(n)
-    hyper = kind < np.clip(0.16 + 0.07 * grade, 0.06, 0.35)
-    tangential = (~hyper) & (kind > 0.90)
-    density = np.where(hyper, rng.uniform(1.05, 1.6, n), rng.uniform(0.35, 0.7, n))
-    density = np.where(tangential, rng.uniform(0.8, 1.3, n), density)
-    r = np.where(tangential, r * rng.uniform(0.5, 0.75, n), r)
-    nucleoli = np.where(hyper | tangential, 0, rng.integers(1, 3, n) * (rng.random(n) < 0.55 + 0.2 * pleo))
+    r = np.clip(rng.normal(11.5 + 0.9 * grade, 1.0 + 1.0 * pleo, n), 7.5, 17.0)
+    kind = np.searchsorted(np.cumsum([np.clip(0.14 + 0.06 * grade, 0.05, 0.3),  # hyperchromatic
+                                      np.clip(0.04 + 0.02 * grade, 0.01, 0.1),  # crushed / folded
+                                      np.clip(0.08 + 0.04 * grade, 0.02, 0.2),  # coarse chromatin
+                                      0.08]),  # tangential
+                           rng.random(n))
+    hyper, crushed, coarse, tangential = (kind == k for k in range(4))
+    dark = hyper | crushed | tangential
+    density = np.select([hyper, crushed, coarse, tangential],
+                        [rng.uniform(1.0, 1.6, n), rng.uniform(1.1, 1.6, n), rng.uniform(0.7, 1.1, n),
+                         rng.uniform(0.8, 1.3, n)], rng.uniform(0.35, 0.7, n))
+    r = np.select([tangential, crushed], [r * rng.uniform(0.5, 0.75, n), r * rng.uniform(0.6, 0.8, n)], r)
+    aspect = np.where(crushed, rng.uniform(2.0, 3.5, n), 1.0 + rng.gamma(2.0, 0.06 + 0.1 * pleo, n))
+    nucleoli = np.where(dark, 0, rng.integers(1, 3, n) * (rng.random(n) < 0.55 + 0.2 * pleo))
     return _nuclei(
-        n, x=x, y=y, r=r, aspect=1.0 + rng.gamma(2.0, 0.06 + 0.1 * pleo, n), theta=rng.uniform(0, np.pi, n),
-        low=rng.uniform(0.02, 0.05 + 0.08 * pleo, n), density=density,
-        rim=np.where(hyper, 0.25, np.where(tangential, 0.0, rng.uniform(0.6, 1.1, n))),
-        texture=np.where(hyper, 0.25, 0.45), clump=np.where(hyper, 0.15, 0.3 + 0.15 * pleo),
+        n, x=x, y=y, r=r, aspect=aspect, theta=rng.uniform(0, np.pi, n),
+        low=np.where(crushed, rng.uniform(0.08, 0.15, n), rng.uniform(0.02, 0.05 + 0.08 * pleo, n)),
+        hair=np.where(crushed, rng.uniform(0.04, 0.09, n), np.where(coarse, rng.uniform(0.0, 0.05, n), 0.0)),
+        density=density,
+        rim=np.select([hyper | crushed, tangential], [0.3, 0.0], rng.uniform(0.6, 1.1, n)),
+        texture=np.where(dark, 0.25, 0.45), clump=np.select([dark, coarse], [0.2, 0.8], 0.3 + 0.15 * pleo),
         edge=np.where(tangential, 1.6, 0.7), nucleoli=nucleoli,
         nucleolus_r=rng.uniform(1.6, 2.4 + 1.2 * pleo, n), nucleolus_d=rng.uniform(0.5, 0.9, n),
     )
 
 
 def _lymphocytes(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Small, round, dense lymphocytes; some activated (larger, paler, a nucleolus), as a small tumour nucleus."""
     n = len(x)
-    return _nuclei(n, x=x, y=y, r=rng.uniform(5.0, 7.0, n), aspect=rng.uniform(1.0, 1.25, n),
-                   theta=rng.uniform(0, np.pi, n), low=rng.uniform(0.01, 0.05, n),
-                   density=rng.uniform(1.1, 1.7, n), texture=0.2, clump=0.25, rim=0.2, edge=0.6)
+    active = rng.random(n) < 0.15
+    return _nuclei(n, x=x, y=y, r=np.where(active, rng.uniform(7.0, 8.5, n), rng.uniform(5.0, 7.0, n)),
+                   aspect=rng.uniform(1.0, 1.25, n), theta=rng.uniform(0, np.pi, n), low=rng.uniform(0.01, 0.05, n),
+                   density=np.where(active, rng.uniform(0.6, 0.95, n), rng.uniform(1.1, 1.7, n)), texture=0.2,
+                   clump=0.25, rim=np.where(active, 0.5, 0.2), edge=0.6, nucleoli=active.astype(int),
+                   nucleolus_r=1.8, nucleolus_d=0.5)
+
+
+def _histiocytes(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Macrophages: oval or kidney-shaped, pale, finely granular nuclei, about a small tumour nucleus in size."""
+    n = len(x)
+    return _nuclei(n, x=x, y=y, r=rng.uniform(7.5, 10.0, n), aspect=rng.uniform(1.3, 1.9, n),
+                   theta=rng.uniform(0, np.pi, n), low=rng.uniform(0.1, 0.18, n), density=rng.uniform(0.35, 0.6, n),
+                   texture=0.35, clump=0.2, rim=0.5, edge=0.7, nucleoli=(rng.random(n) < 0.3).astype(int),
+                   nucleolus_r=1.5, nucleolus_d=0.4)
 
 
 def _plasma_cells(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -326,7 +361,9 @@ def _mitoses(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> dict[str
     phase = rng.choice(4, len(x), p=[0.35, 0.15, 0.3, 0.2])  # metaphase, anaphase, prophase, prometaphase
     for px, py, ph in zip(x, y, phase):
         theta = rng.uniform(0, np.pi)
-        dens = rng.uniform(1.1, 1.6)
+        dens = rng.uniform(0.95, 1.6)
+        if ph < 2:  # condensed chromosomes are the densest chromatin on the slide
+            dens *= 1.15
         if ph == 0:  # metaphase: a dense band seen side on, chromosome arms sticking out
             parts.append(_nuclei(1, x=px, y=py, r=rng.uniform(5.5, 7.0), aspect=rng.uniform(3.0, 5.0), theta=theta,
                                  low=0.06, hair=rng.uniform(0.12, 0.2), density=dens, clump=0.5, texture=0.3))
@@ -343,7 +380,11 @@ def _mitoses(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> dict[str
         else:  # prometaphase: an irregular mass of chromosomes, ragged all round
             parts.append(_nuclei(1, x=px, y=py, r=rng.uniform(7.0, 9.5), aspect=rng.uniform(1.2, 2.0), theta=theta,
                                  low=0.15, hair=rng.uniform(0.15, 0.25), density=dens, clump=0.7, texture=0.3))
-    return _join(parts) if parts else _nuclei(0, x=0, y=0, r=1, density=0)
+    if not parts:
+        return _nuclei(0, x=0, y=0, r=1, density=0)
+    out = _join(parts)
+    out["edge"] = rng.uniform(0.5, 1.3, len(out["x"])).astype(np.float32)  # a figure in or a little out of focus
+    return out
 
 
 def _apoptotic_bodies(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -379,17 +420,23 @@ def _at(mask: np.ndarray, pts: np.ndarray, scale: int = 1) -> np.ndarray:
     return mask[iy, ix]
 
 
+def _on_tissue(pts: np.ndarray, w: int, h: int, tissue: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Which points lie on the ``w`` x ``h`` tile, on tissue and outside lumens (maps at half resolution)."""
+    on = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+    return on & _at(tissue, pts, 2) & (_at(hole, pts, 2) < 0.2)
+
+
 def _fibres(rng: np.random.Generator, shape: tuple[int, int], theta: np.ndarray) -> np.ndarray:
     """Wavy collagen bundles at ``shape`` (half resolution), in [-1, 1]: noise smeared along ``theta``.
 
-    Computed at half of ``shape``: noise is smeared along four directions and
+    Noise is smeared along four directions and
     the four results blended by how close each is to the local orientation, so
     bundles bend with ``theta``.
     """
-    small = ((shape[0] + 1) // 2, (shape[1] + 1) // 2)
-    noise = ndimage.gaussian_filter(rng.standard_normal(small, dtype=np.float32), 0.7)
-    th = theta[::2, ::2][: small[0], : small[1]]
-    steps = np.arange(-5, 6)
+    small = shape
+    noise = ndimage.gaussian_filter(rng.standard_normal(small, dtype=np.float32), 0.8)
+    th = theta
+    steps = np.arange(-8, 9)
     out = np.zeros(small, np.float32)
     total = np.zeros(small, np.float32)
     for ang in np.arange(4) * np.pi / 4:
@@ -402,7 +449,7 @@ def _fibres(rng: np.random.Generator, shape: tuple[int, int], theta: np.ndarray)
         out += weight * line
         total += weight
     out /= total + 1e-6
-    return _up(np.tanh(1.5 * out / (out.std() + 1e-6)), shape)
+    return np.tanh(1.5 * out / (out.std() + 1e-6))
 
 
 def _voronoi(seeds: np.ndarray, shape: tuple[int, int], scale: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -510,9 +557,7 @@ def render_tile(
     scattered = int(rng.poisson(stroma_area / 12_000))
     lymph.append(np.column_stack([rng.uniform(0, w, scattered * 2), rng.uniform(0, h, scattered * 2)]))
     lymph_pts = np.concatenate(lymph)
-    inside = (lymph_pts[:, 0] >= 0) & (lymph_pts[:, 0] < w) & (lymph_pts[:, 1] >= 0) & (lymph_pts[:, 1] < h)
-    lymph_pts = lymph_pts[inside]
-    lymph_pts = lymph_pts[_at(tissue, lymph_pts, 2) & (_at(hole, lymph_pts, 2) < 0.2)]
+    lymph_pts = lymph_pts[_on_tissue(lymph_pts, w, h, tissue, hole)]
     # Lymphocytes do not pile on each other: thin them to a minimum spacing on a fine grid.
     keys = (lymph_pts // 9).astype(int)
     _, first = np.unique(keys[:, 0] * 100_000 + keys[:, 1], return_index=True)
@@ -523,6 +568,19 @@ def render_tile(
     n_plasma = int(rng.poisson(stroma_area / 80_000))
     plasma_pts = band_pts[rng.integers(len(band_pts), size=n_plasma)] + rng.normal(0, 10, (n_plasma, 2)) \
         if len(band_pts) and n_plasma else np.zeros((0, 2))
+    n_hist = int(rng.poisson(stroma_area / 60_000))
+    hist_pts = band_pts[rng.integers(len(band_pts), size=n_hist)] + rng.normal(0, 15, (n_hist, 2)) \
+        if len(band_pts) and n_hist else np.zeros((0, 2))
+    # Myoepithelial cells: flat nuclei along the rim of nests still in situ (some tiles have none).
+    myo_pts, myo_theta = np.zeros((0, 2)), np.zeros(0)
+    rim_px = np.argwhere(tumour & (depth >= 2) & (depth <= 8))
+    if rng.random() < 0.5 and len(rim_px):
+        gy, gx = np.gradient(depth)
+        pick = rim_px[rng.choice(len(rim_px), min(len(rim_px), int(rng.poisson(len(rim_px) / 120))), replace=False)]
+        myo_pts = pick[:, ::-1] * 2.0 + 1
+        myo_theta = np.arctan2(gy[pick[:, 0], pick[:, 1]], gx[pick[:, 0], pick[:, 1]]) + np.pi / 2
+    plasma_pts = plasma_pts[_on_tissue(plasma_pts, w, h, tissue, hole)]
+    hist_pts = hist_pts[_on_tissue(hist_pts, w, h, tissue, hole)]
     vessels = int(rng.poisson(stroma_area / 150_000))
     stroma_pts = np.argwhere(stroma)[:, ::-1] * 2.0
     # Capillaries: a small lumen with red cells, its wall lined by two to four endothelial nuclei.
@@ -555,7 +613,7 @@ def render_tile(
     mit_pts, apo_pts = nuc_pts[mit_idx], nuc_pts[apo_idx]
     # Annotators mark the non-tumour cells of the tumour's field (infiltrating lymphocytes, the stroma between
     # nests) far more often than those deep in stroma a field away.
-    non_pool = np.concatenate([lymph_pts, fib, plasma_pts, endo])
+    non_pool = np.concatenate([lymph_pts, fib, plasma_pts, endo, hist_pts, myo_pts])
     weight = np.exp(-_at(near, non_pool, 2) / 60.0)
     non_pick = rng.choice(len(non_pool), min(counts["non_tumor"], len(non_pool)), replace=False,
                           p=weight / weight.sum()) if len(non_pool) else np.zeros(0, int)
@@ -563,16 +621,18 @@ def render_tile(
 
     # --- Stains. Eosin: stroma with fibres, tumour cytoplasm with cell borders, clefts, lumens, glass / fat.
     fib_tex = _fibres(rng, half, theta_field)
-    e_stroma = 0.40 + 0.05 * _smooth_field(rng, half, 30.0) + 0.09 * fib_tex - 0.12 * (fib_tex < -0.75)
+    # How eosinophilic the stroma and the tumour cytoplasm are varies from tumour to tumour (dense collagen or
+    # loose oedematous stroma; pale or apocrine-like, eosinophilic cytoplasm), each on its own.
+    e_stroma = rng.uniform(0.3, 0.48) + 0.05 * _smooth_field(rng, half, 30.0) + 0.1 * fib_tex - 0.1 * (fib_tex < -0.85)
     cell_tone = rng.normal(0.0, 0.04, len(cell_pts) + 1).astype(np.float32)
-    cell_tone[mit_idx] = -0.06  # a mitotic cell rounds up and clears
+    cell_tone[mit_idx] = -0.03  # a mitotic cell rounds up and clears a little
     cell_tone[apo_idx] = 0.18  # an apoptotic cell shrinks into dense eosinophilic cytoplasm
     cell_tone[extra_apo] = 0.18
     tone = cell_tone[labels]
     border = np.zeros(half, bool)
     border[:-1] |= labels[:-1] != labels[1:]
     border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    e_cyto = 0.26 + 0.04 * _smooth_field(rng, half, 20.0) + tone + 0.12 * border
+    e_cyto = rng.uniform(0.2, 0.42) + 0.04 * _smooth_field(rng, half, 20.0) + tone + 0.12 * border
     cleft = tumour & (depth < 5) & (_smooth_field(rng, half, 15.0) > 0.2)
     e_half = np.where(tumour, e_cyto, e_stroma)
     e_half = np.where(cleft, 0.05, e_half)
@@ -594,7 +654,8 @@ def render_tile(
     H = _up(h_half.astype(np.float32), (h, w))
     E = _up(e_half.astype(np.float32), (h, w))
     # Halos: mitoses and some ordinary tumour cells (fixation retraction) clear; apoptotic bodies sit in one.
-    halo_idx = np.concatenate([mit_idx, apo_idx, extra_apo, ordinary[rng.random(len(ordinary)) < 0.25]])
+    halo_idx = np.concatenate([mit_idx[rng.random(len(mit_idx)) < 0.6], apo_idx, extra_apo,
+                               ordinary[rng.random(len(ordinary)) < 0.25]])
     _halo(E, nuc_pts[halo_idx, 0], nuc_pts[halo_idx, 1], rng.uniform(8, 13, len(halo_idx)).astype(np.float32),
           np.full(len(halo_idx), -0.1, np.float32))
     # Red cells: eosin discs, paler in the middle.
@@ -608,6 +669,8 @@ def render_tile(
         _tumour_nuclei(rng, nuc_pts[plain, 0], nuc_pts[plain, 1], grade),
         _lymphocytes(rng, lymph_pts[:, 0], lymph_pts[:, 1]),
         _plasma_cells(rng, plasma_pts[:, 0], plasma_pts[:, 1]),
+        _histiocytes(rng, hist_pts[:, 0], hist_pts[:, 1]),
+        _spindles(rng, myo_pts[:, 0], myo_pts[:, 1], myo_theta, plump=True),
         _spindles(rng, fib[:, 0], fib[:, 1], _at(theta_field, fib, 2)),
         _spindles(rng, endo[:, 0], endo[:, 1], endo_theta, plump=True),
         _mitoses(rng, mit_pts[:, 0], mit_pts[:, 1]),
@@ -623,8 +686,9 @@ def render_tile(
     _draw(rng, H, _join(tables))
 
     keep = 1.0 - 0.92 * _up(hole, (h, w))
-    Hs = np.clip(H * keep * style.h_scale, 0, 4)
-    Es = np.clip(E * style.e_scale, 0, 3)
+    thickness = rng.uniform(0.85, 1.15)  # section thickness and staining time vary from slide to slide
+    Hs = np.clip(H * keep * (style.h_scale * thickness), 0, 4)
+    Es = np.clip(E * (style.e_scale * thickness), 0, 3)
     if style.blur_sigma > 0:  # the scanner's optics: blurring the two stain maps is cheaper than three channels
         Hs = ndimage.gaussian_filter(Hs, style.blur_sigma)
         Es = ndimage.gaussian_filter(Es, style.blur_sigma)
