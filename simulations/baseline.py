@@ -102,40 +102,51 @@ def format_result(result: BaselineResult) -> str:
 
 
 def tissue_figure(root: Path, out: Path, cfg: DataConfig | None = None, per_class: int = 8, tiles: int = 3) -> Path:
-    """A figure of ``tiles`` whole tiles (downscaled) from different sites, and ``per_class`` patches per class."""
+    """A figure of ``tiles`` whole tiles (downscaled) from different sites, and ``per_class`` patches per class.
+
+    Patches are drawn from points at least half a patch from the tile's edge,
+    so none shows reflect padding.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from shared.brecahad import list_tiles, read_image
+    from shared.data import folder_patches
 
     cfg = cfg or DataConfig()
     folders = site_folders(root)
     picks = [list_tiles(folders[k % len(folders)] / "BreCaHAD")[k] for k in range(tiles)]
-    samples = load_folder(folders[0], cfg)
+    patches = folder_patches(folders[0], cfg)
+    first = read_image(picks[0].image)
+    half = cfg.patch_size / 2
+    x, y = patches.points[:, 0] * first.shape[1], patches.points[:, 1] * first.shape[0]
+    interior = (x >= half) & (y >= half) & (x <= first.shape[1] - half) & (y <= first.shape[0] - half)
     rng = np.random.default_rng(0)
     rows = len(cfg.classes)
-    fig = plt.figure(figsize=(2.2 * per_class, 3.2 + 1.6 * rows), dpi=110)
-    grid = fig.add_gridspec(2, 1, height_ratios=[3.2, 1.6 * rows], hspace=0.12)
+    fig = plt.figure(figsize=(1.6 * per_class, 1.6 * per_class * first.shape[0] / first.shape[1] / tiles * 1.05
+                              + 1.7 * rows), dpi=120)
+    grid = fig.add_gridspec(2, 1, height_ratios=[per_class * first.shape[0] / first.shape[1] / tiles * 1.05,
+                                                 1.05 * rows], hspace=0.08)
     top = grid[0].subgridspec(1, tiles, wspace=0.03)
     for k, tile in enumerate(picks):
         ax = fig.add_subplot(top[k])
         ax.imshow(read_image(tile.image))
-        ax.set_title(f"{folders[k % len(folders)].name} / {tile.name}", fontsize=9)
+        ax.set_title(f"{folders[k % len(folders)].name} / {tile.name}", fontsize=8)
         ax.axis("off")
-    bottom = grid[1].subgridspec(rows, per_class, wspace=0.04, hspace=0.12)
+    bottom = grid[1].subgridspec(rows, per_class, wspace=0.04, hspace=0.08)
     for ci, cls in enumerate(cfg.classes):
-        idx = np.flatnonzero(samples.labels == ci)
+        idx = np.flatnonzero((patches.labels == ci) & interior)
         for j, i in enumerate(rng.choice(idx, min(per_class, len(idx)), replace=False)):
             ax = fig.add_subplot(bottom[ci, j])
-            ax.imshow(samples.images[i], interpolation="nearest")
+            ax.imshow(patches.images[i], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
-                ax.set_ylabel(cls, fontsize=10)
+                ax.set_ylabel(cls, fontsize=9)
     fig.suptitle("Generated H&E (fedfuse synth): whole tiles, and 64 px patches centred on annotated nuclei",
-                 fontsize=11)
+                 fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
