@@ -126,7 +126,7 @@ def tissue_figure(root: Path, out: Path, cfg: DataConfig | None = None, per_clas
     rng = np.random.default_rng(0)
     rows = len(cfg.classes)
     fig = plt.figure(figsize=(1.6 * per_class, 1.6 * per_class * first.shape[0] / first.shape[1] / tiles * 1.05
-                              + 1.7 * rows), dpi=120)
+                              + 1.7 * rows), dpi=100)
     grid = fig.add_gridspec(2, 1, height_ratios=[per_class * first.shape[0] / first.shape[1] / tiles * 1.05,
                                                  1.05 * rows], hspace=0.08)
     top = grid[0].subgridspec(1, tiles, wspace=0.03)
