@@ -7,7 +7,6 @@ import numpy as np
 from scipy import ndimage
 
 from shared.config import BRECAHAD_KEYS
-from simulations import synth as synth_module
 from simulations.synth import PRESETS, Preset, synth
 from simulations.synth_images import SiteStyle, TileSpec, render_tile
 
@@ -56,4 +55,3 @@ def test_synth_output_does_not_depend_on_the_worker_count(tmp_path, monkeypatch)
 
     one = digest(tmp_path / "one")
     assert one == digest(tmp_path / "two") and any(k.endswith(".tif") for k in one)
-    assert synth_module.PRESETS["tiny"] is tiny
