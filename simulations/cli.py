@@ -75,6 +75,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(args: argparse.Namespace) -> int:
+    from shared.config import DataConfig
+    from simulations.baseline import format_result, run_baseline
+
+    print(format_result(run_baseline(Path(args.root), DataConfig(root=args.root), args.seed)))
+    return 0
+
+
 def _cohort(args: argparse.Namespace) -> int:
     from shared.mimic import build_cohort
 
@@ -489,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mimic", required=True, help="MIMIC-IV root (holding hosp/)")
     c.add_argument("--out", required=True, help="CSV to write")
     c.set_defaults(func=_cohort)
+    b = dsub.add_parser("baseline", help="colour statistics + logistic regression on a generated federation's "
+                        "patches: the AUC a model must clearly beat")
+    b.add_argument("root", help="folder holding site-<k>/ (and holdout/), e.g. data/quickstart")
+    b.add_argument("--seed", type=int, default=0, help="the run's seed: site k splits with seed + k (default 0)")
+    b.set_defaults(func=_baseline)
 
     r = sub.add_parser("simulate", help="run a federated simulation (Flower's simulation engine)")
     r.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")

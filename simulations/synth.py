@@ -28,6 +28,8 @@ The images and the EHR are generated from one latent grade per patient (see
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,15 @@ def _site_plan(preset: Preset, sites: int, rng: np.random.Generator) -> list[lis
     return [[int(images[c]) for c in cases] for cases in per_site]
 
 
+def _write_tile(seed: int, spec: TileSpec, style: SiteStyle, grade: float, image_path: Path,
+                truth_path: Path) -> dict[str, int]:
+    """Render one tile from its own seed and write it and its ground truth; returns its point counts."""
+    image, points = render_tile(np.random.default_rng(seed), spec, style, grade)
+    Image.fromarray(image).save(image_path, format="TIFF")
+    truth_path.write_text(json.dumps(points))
+    return {k: len(points[k]) for k in POINT_KEYS}
+
+
 def _write_site(
     folder: Path,
     images_per_case: list[int],
@@ -93,14 +104,19 @@ def _write_site(
     rng: np.random.Generator,
     id_base: int,
     bar: tqdm,
+    pool: Executor,
 ) -> dict[str, int]:
-    """Write one site (or the holdout): tiles, ground truth, EHR, linkage. Returns point counts."""
+    """Write one site (or the holdout): tiles, ground truth, EHR, linkage. Returns point counts.
+
+    Each tile gets a seed of its own, drawn here in order, so the output is the
+    same however many processes of ``pool`` render the tiles.
+    """
     img_dir = folder / "BreCaHAD" / "images"
     gt_dir = folder / "BreCaHAD" / "groundTruth"
     img_dir.mkdir(parents=True, exist_ok=True)
     gt_dir.mkdir(parents=True, exist_ok=True)
     totals = dict.fromkeys(POINT_KEYS, 0)
-    subjects, linkage = [], []
+    subjects, linkage, jobs = [], [], []
     for c, n_images in enumerate(images_per_case, start=1):
         grade = float(rng.normal(grade_mean, 1.0))
         subject_id = id_base + c
@@ -108,13 +124,9 @@ def _write_site(
         linkage.append({"case_id": f"Case_{c}", "subject_id": subject_id})
         style = styles[(c - 1) % len(styles)]
         for i in range(1, n_images + 1):
-            image, points = render_tile(rng, preset.tile, style, grade)
             name = f"Case_{c}-{i:02d}"
-            Image.fromarray(image).save(img_dir / f"{name}.tif", format="TIFF")
-            (gt_dir / f"{name}.json").write_text(json.dumps(points))
-            bar.update()
-            for k in POINT_KEYS:
-                totals[k] += len(points[k])
+            jobs.append(pool.submit(_write_tile, int(rng.integers(2**63)), preset.tile, style, grade,
+                                    img_dir / f"{name}.tif", gt_dir / f"{name}.json"))
     n_cases = len(images_per_case)
     for j in range(preset.extra_subjects):
         positive = rng.random() < 0.3
@@ -122,15 +134,22 @@ def _write_site(
     order = rng.permutation(len(subjects))  # real tables are not sorted by label
     write_hosp(folder / "mimic-iv", [subjects[i] for i in order], rng, id_base=id_base)
     pd.DataFrame(linkage).to_csv(folder / "linkage.csv", index=False)
+    for job in jobs:
+        for k, n in job.result().items():
+            totals[k] += n
+        bar.update()
     return totals
 
 
-def synth(out: Path, sites: int, seed: int, preset: str = "quick", replace: bool = False) -> dict[str, dict[str, int]]:
+def synth(out: Path, sites: int, seed: int, preset: str = "quick", replace: bool = False,
+          workers: int | None = None) -> dict[str, dict[str, int]]:
     """Generate ``sites`` hospitals and a holdout under ``out``; returns point counts per folder.
 
     ``out`` must be new or empty, so no hospital's tables or tiles are
     overwritten or mixed with generated ones; ``replace`` empties it first, but
-    only if ``synth`` made it (its ``.fedfuse-data`` marker). On a terminal, a
+    only if ``synth`` made it (its ``.fedfuse-data`` marker). ``workers``
+    processes render the tiles (default: the CPUs this process may use, at
+    most 4); the output does not depend on it. On a terminal, a
     progress bar counts the tiles (none in a log).
     """
     if preset not in PRESETS:
@@ -154,13 +173,14 @@ def synth(out: Path, sites: int, seed: int, preset: str = "quick", replace: bool
     plans = _site_plan(p, sites, rng)
     holdout_plan = [int(np.mean([n for plan in plans for n in plan]).round())] * p.holdout_cases
     counts = {}
+    workers = workers or min(4, len(os.sched_getaffinity(0)))
     with tqdm(total=sum(map(sum, plans)) + sum(holdout_plan), desc="generating tiles", unit="tile",
-              disable=None) as bar:
+              disable=None) as bar, ProcessPoolExecutor(workers) as pool:
         for k in range(sites):
             counts[f"site-{k}"] = _write_site(out / f"site-{k}", plans[k], [styles[k]], float(grade_means[k]), p,
-                                              np.random.default_rng([seed, k]), 10_000_000 + 100_000 * k, bar)
+                                              np.random.default_rng([seed, k]), 10_000_000 + 100_000 * k, bar, pool)
         counts["holdout"] = _write_site(out / "holdout", holdout_plan, styles, 0.0, p,
-                                        np.random.default_rng([seed, 10_000]), 19_000_000, bar)
+                                        np.random.default_rng([seed, 10_000]), 19_000_000, bar, pool)
     return counts
 
 
