@@ -16,17 +16,25 @@ from tests.test_reliability import CONFIG, federate
 
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 def test_normalisation_moves_a_tiles_stain_statistics_toward_the_reference(quick_data, method):
-    """Measured on the normalised tile: its colour statistics (Reinhard's LAB means and spreads, Macenko's
-    stain vectors) come at least halfway to the reference's, and all its statistics come closer."""
+    """Measured on normalised tiles of two hospitals (two stain styles): their colour statistics (Reinhard's LAB
+    means and spreads, Macenko's stain vectors) come on average at least halfway to the reference's, and every
+    tile's statistics come closer. On average over both sites, not per site: a site whose stain already sits
+    at the reference (Macenko colour distance about 0.08 for site-0 of the quick data) cannot come halfway
+    closer than Macenko's own re-estimation noise (about 0.05 on a normalised tile)."""
     reference = stain.shipped(method)  # what the sites read: the shipped image's statistics, as numbers
     np.testing.assert_allclose(reference, stain.reference_from_image(method, stain.SHIPPED_IMAGE), rtol=1e-9)
     normalise = stain.Normaliser(method, reference)
     colour = slice(0, 6)  # reinhard: all six; macenko: the H and E vectors (the rest: concentration percentiles)
-    for site in ("site-0", "site-1"):  # two hospitals, two stain styles
-        tile = read_image(list_tiles(quick_data / site / "BreCaHAD")[0].image)
-        before, after = stain.statistics(method, tile) - reference, stain.statistics(method, normalise(tile)) - reference
-        assert np.linalg.norm(after[colour]) < 0.5 * np.linalg.norm(before[colour]), (site, before, after)
-        assert np.linalg.norm(after) < np.linalg.norm(before), (site, before, after)
+    before_colour, after_colour = [], []
+    for site in ("site-0", "site-1"):
+        for tile in list_tiles(quick_data / site / "BreCaHAD")[:4]:
+            image = read_image(tile.image)
+            before = stain.statistics(method, image) - reference
+            after = stain.statistics(method, normalise(image)) - reference
+            assert np.linalg.norm(after) < np.linalg.norm(before), (site, tile.image.name, before, after)
+            before_colour.append(np.linalg.norm(before[colour]))
+            after_colour.append(np.linalg.norm(after[colour]))
+    assert np.mean(after_colour) < 0.5 * np.mean(before_colour), (before_colour, after_colour)
 
 
 def test_the_federated_reference_is_the_sites_average_and_reaches_every_patch(quick_data, tmp_path):
