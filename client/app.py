@@ -37,6 +37,7 @@ from simulations.partition import natural_index, simulated_site
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
+LOCAL_DP_REQUIRED = 103  # Error code of a site that refuses to train: its hospital allows only local DP, the run asks less
 FEDBN_STATE = "fedbn-local-batch-norm"  # context.state: this site's BatchNorm layers under FedBN
 HANG_MARGIN_S = 2.0  # faults.hang: how long past federation.round_timeout the site takes
 
@@ -104,8 +105,8 @@ def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
     folder = privacy.ledger_folder(node, p, site.cfg.data.root)
     budget = privacy.run_budget(p)
     budget = math.inf if budget is None else budget
-    if "privacy-budget" in node:
-        budget = min(budget, _hospital_budget(node["privacy-budget"]))
+    if privacy.BUDGET_KEY in node:
+        budget = min(budget, _hospital_budget(node[privacy.BUDGET_KEY]))
     return privacy.Ledger(folder, site.train, p, site.name), budget
 
 
@@ -167,15 +168,51 @@ def _privacy_metrics(site: Site, eps: float, dp: privacy.Plan | None) -> dict[st
     return {"epsilon": eps, "epsilon-patient": eps_patient, "delta-patient": delta_patient}
 
 
-class BudgetExhausted(RuntimeError):
+class Declined(RuntimeError):
+    """The site declines to train this round; ``code``: its error reply's code, the message its reason."""
+
+    code: int
+
+
+class BudgetExhausted(Declined):
     """The site declines to train: this round would take its privacy ledger past its budget."""
+
+    code = BUDGET_EXHAUSTED
+
+
+class LocalDPRequired(Declined):
+    """The site refuses to train: its hospital set ``privacy-budget``, and the run does not train under local DP."""
+
+    code = LOCAL_DP_REQUIRED
+
+
+def _private_plan(site: Site, context: Context, server_round: int) -> tuple[privacy.Plan | None, privacy.Ledger | None]:
+    """This round's DP-SGD plan and the site's ledger (both None without local DP), or :class:`Declined`.
+
+    Checked before the data is touched, so a refused or declined round spends nothing. Only training comes
+    here: evaluation and the statistics queries, which spend no budget, stay allowed at every site.
+    """
+    dp = privacy.plan(site.cfg, site.train) if site.cfg.privacy.mode == "local" else None
+    refused = privacy.local_dp_refusal(context.node_config, site.cfg.privacy, dp)
+    if refused:
+        raise LocalDPRequired(f"local_dp_required: site {site.name}: {refused}")
+    if dp is None:
+        return None, None
+    ledger, budget = _ledger(site, context)
+    after = ledger.epsilon(dp.entry)
+    if after > budget:
+        raise BudgetExhausted(f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its "
+                              f"budget {budget:.4g}; round {server_round} would bring it to {after:.4g} "
+                              f"({ledger.path})")
+    return dp, ledger
 
 
 def local_training(site: Site, context: Context, weights: learner.Weights, server_round: int,
                    mu: float = 0.0) -> tuple[learner.Weights, dict[str, float]]:
     """This site's update of ``weights`` and its reply metrics; both apps' train handlers call it.
 
-    With local DP the site first checks its ledger, declining before it touches the data.
+    The site first checks what its hospital allows and its ledger (:func:`_private_plan`), declining before
+    it touches the data.
     Randomness derives from (seed, site, round) alone, so a resumed run trains as a straight one
     (local DP's noise excepted: shared/privacy.py draws it from the OS; FedBN's local statistics are lost).
     """
@@ -185,15 +222,8 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
     if fault == "hang":  # answers, but after the server stopped waiting
         time.sleep(site.cfg.federation.round_timeout + HANG_MARGIN_S)
     seed = int(np.random.SeedSequence([site.cfg.seed, site.index, server_round]).generate_state(1)[0])
-    dp, ledger, eps = None, None, math.nan
-    if site.cfg.privacy.mode == "local":
-        dp = privacy.plan(site.cfg, site.train)
-        ledger, budget = _ledger(site, context)
-        after = ledger.epsilon(dp.entry)
-        if after > budget:  # decline before touching the data: the budget stays unspent
-            raise BudgetExhausted(f"budget_exhausted: site {site.name} has spent epsilon {ledger.epsilon():.4g} of its "
-                                  f"budget {budget:.4g}; round {server_round} would bring it to {after:.4g} "
-                                  f"({ledger.path})")
+    dp, ledger = _private_plan(site, context, server_round)
+    eps = math.nan
     weights = _with_local_bn(site, context, weights)
     weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp)
     if site.cfg.federation.fedbn:  # kept for this site's next round and evaluations; never sent (client/wire.py)
@@ -215,8 +245,8 @@ def train(msg: Message, context: Context) -> Message:
     try:
         weights, metrics = local_training(site, context, from_record(msg.content["arrays"]),
                                           int(config["server-round"]), mu)
-    except BudgetExhausted as declined:
-        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(declined)), reply_to=msg)
+    except Declined as declined:
+        return Message(Error(code=declined.code, reason=str(declined)), reply_to=msg)
     return Message(RecordDict({"arrays": to_record(compact(site.cfg, weights)), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 

@@ -64,6 +64,7 @@ LEDGER_FOLDER = ".fedfuse-privacy"  # a site's ledgers, in its data folder (depl
 # while epsilon no longer moves in its 6th digit.
 NOISE_RANGE = (1e-6, 1e5)
 MAX_STEPS = 2**53  # Opacus multiplies by the step count as a float: exact up to here (10**400 overflows)
+BUDGET_KEY = "privacy-budget"  # node config: the most epsilon a hospital allows; setting it requires local DP
 LEDGER_KEYS = {"site": str, "unit": str, "history": list, "rounds": list}  # a ledger file's keys besides delta
 
 
@@ -219,6 +220,25 @@ def run_budget(privacy: PrivacyConfig) -> float | None:
     """The epsilon a run lets a site (local DP) or the federation (central DP) spend: ``privacy.budget``, else
     the run's target ``privacy.epsilon``; None: no limit (a fixed noise multiplier and no budget)."""
     return privacy.budget if privacy.budget is not None else privacy.epsilon
+
+
+def local_dp_refusal(node_config: Mapping[str, object], privacy: PrivacyConfig, dp: Plan | None) -> str | None:
+    """Why a site may not train this run, its hospital having asked for local DP; None: it may.
+
+    A hospital asks by setting ``privacy-budget`` in its node config. Its data then trains only under local
+    DP-SGD with noise (``privacy.mode`` local, a noise multiplier above 0: a plan with sigma 0 clips and adds
+    nothing), whatever the coordinator's run config says: under mode none or central the site would train
+    these patients without its ledger, so its budget would cap nothing. ``dp``: the run's plan at this site,
+    None without local DP. Only training is refused: evaluation and the statistics queries spend no budget
+    (a ledger accounts DP-SGD steps only), so they stay allowed.
+    """
+    if BUDGET_KEY not in node_config or (privacy.mode == "local" and dp is not None and dp.noise_multiplier > 0):
+        return None
+    asked = f"privacy.mode {privacy.mode}"
+    if dp is not None:  # local, without noise
+        asked += f" with noise multiplier {dp.noise_multiplier:g} (no noise)"
+    return (f"the node config sets {BUDGET_KEY} = {node_config[BUDGET_KEY]!r}, so this site trains only under local "
+            f"DP (privacy.mode local, a noise multiplier above 0); the run asks for {asked}")
 
 
 def read_ledger(path: Path) -> dict:

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
 
-from client.app import BUDGET_EXHAUSTED
+from client.app import BUDGET_EXHAUSTED, LOCAL_DP_REQUIRED
 from client.app import app as client_app
 from shared import privacy
 from shared.config import PrivacyConfig, apply_overrides, flatten, load
@@ -150,10 +150,10 @@ def test_only_a_simulated_site_reads_the_ledger_folder_from_the_run_config(tmp_p
     assert privacy.ledger_folder({"partition-id": 0}, PrivacyConfig(), "/data") == Path("/data/.fedfuse-privacy")
 
 
-def train_message(server_round: int) -> Message:
+def train_message(server_round: int, message_type: str = "train") -> Message:
     md = Metadata(run_id=server_round, message_id=f"m-{server_round}", src_node_id=1, dst_node_id=7,
                   reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
-                  message_type="train")
+                  message_type=message_type)
     model = build_model(load(ROOT / "configs/quickstart.yaml").model, len(FEATURES), 3)
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                           "config": ConfigRecord({"server-round": server_round})})
@@ -183,3 +183,37 @@ def test_a_coordinator_cannot_move_reset_or_raise_a_hospitals_ledger(quick_data,
     declined = client_app(train_message(3), capped)  # the hospital's budget caps the run's 1e9
     assert declined.has_error() and declined.error.code == BUDGET_EXHAUSTED and str(path) in declined.error.reason
     assert privacy.read_ledger(path)["history"] == ledger["history"]  # nothing spent
+
+
+@pytest.mark.parametrize(("changes", "asked"), [
+    ({"privacy.mode": "none"}, "privacy.mode none"),
+    ({"privacy.mode": "central", "privacy.noise_multiplier": 1.0}, "privacy.mode central"),
+    ({"privacy.mode": "local", "privacy.noise_multiplier": 0.0}, "privacy.mode local with noise multiplier 0"),
+])
+def test_a_hospital_with_a_budget_trains_only_under_local_dp_with_noise(quick_data, tmp_path, changes, asked):
+    """The hospital's privacy-budget, not the coordinator's privacy.mode, says its data trains under local DP."""
+    hospital = tmp_path / "hospital"
+    shutil.copytree(quick_data / "site-0", hospital)
+    base = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
+        "data.root": str(quick_data), "train.steps": 2, "privacy.mode": "local", "privacy.epsilon": None,
+        "privacy.noise_multiplier": 1.0})
+    node = {"data-dir": str(hospital), "site-name": "oslo", "privacy-budget": 50.0}
+
+    def reply(cfg, server_round: int, message_type: str = "train") -> Message:
+        run_config = {"config": str(ROOT / "configs/quickstart.yaml"), **flatten(cfg)}
+        return client_app(train_message(server_round, message_type),
+                          Context(run_id=server_round, node_id=7, node_config=node, state=RecordDict(),
+                                  run_config=run_config))
+
+    assert not reply(base, 1).has_error()  # local DP with noise: the site trains and spends
+    [path] = (hospital / ".fedfuse-privacy").glob("ledger-*.json")
+    before = path.read_bytes()
+    lesser = apply_overrides(base, {"privacy.epsilon": None, **changes})
+    refused = reply(lesser, 2)
+    assert refused.has_error() and refused.error.code == LOCAL_DP_REQUIRED
+    reason = refused.error.reason
+    assert reason.startswith("local_dp_required: site oslo") and "privacy-budget = 50.0" in reason and asked in reason
+    assert path.read_bytes() == before and len(list(path.parent.iterdir())) == 1  # nothing spent, no other ledger
+    assert not reply(lesser, 3, "evaluate").has_error()  # evaluation spends no budget: allowed
+    assert not reply(base, 4).has_error()
+    assert [r["round"] for r in privacy.read_ledger(path)["rounds"]] == [1, 4]

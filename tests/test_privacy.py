@@ -19,6 +19,7 @@ from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrid
 from shared.data import Samples, load_site
 from shared.mimic import FEATURES
 from shared.models import build_model
+from simulations import flower
 from simulations.cli import _absolute, main
 from simulations.inprocess import run_server
 from simulations.privacy_sweep import membership_auc, run_sweep
@@ -114,6 +115,27 @@ def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(quick_data, tmp_pa
     assert list(only["privacy"]) == ["site-1"] and "stopped" not in metrics
     assert metrics["privacy"]["sites"]["site-1"]["epsilon"] < 5.0 and "site-0" not in metrics["privacy"]["sites"]
     assert json.loads(spent.path.read_text())["history"] == [[1.0, 0.5, 10_000]]  # nothing more spent
+
+
+def test_a_run_every_site_declines_for_its_budget_is_an_error_of_the_cli(quick_data, tmp_path, monkeypatch, capsys):
+    """From the sites' budget_exhausted replies through the server's BudgetSpent and metrics.json to
+    `fedfuse simulate` exiting 2 with the budget named: only Flower's engine is replaced (by the in-process grid)."""
+    monkeypatch.setattr(flower, "run_simulation", lambda run_dir, run_config, n, cpus, echo:
+                        run_server(server_app, client_app, run_config, n))
+    settings = {"model.name": "mlp", "data.root": str(quick_data), "data.sites": 2, "train.steps": STEPS,
+                "federation.rounds": 1, "server.eval_data": "null", "report.shap_rows": 0, "privacy.mode": "local",
+                "privacy.epsilon": "null", "privacy.noise_multiplier": 1.0, "privacy.budget": 1e-3,
+                "privacy.ledger_dir": str(tmp_path / "ledgers")}  # one round of sigma 1 spends far more than 1e-3
+    run_dir = tmp_path / "run"
+    argv = ["simulate", str(ROOT / "configs/quickstart.yaml"), "--out", str(run_dir)]
+    assert main([*argv, *(f"--set={k}={v}" for k, v in settings.items())]) == 2
+    err = capsys.readouterr().err
+    assert "the run trained nothing: round 1: every site has spent its privacy budget" in err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stopped"].startswith("round 1: every site has spent its privacy budget")
+    declined = metrics["rounds"][0]["failed"]
+    assert set(declined) == {"site-0", "site-1"} and all(r.startswith("budget_exhausted") for r in declined.values())
+    assert not list((tmp_path / "ledgers").glob("ledger-*.json"))  # nothing spent
 
 
 def test_two_runs_at_other_noise_and_sample_rates_add_up_in_the_ledger(quick_data, tmp_path):
