@@ -33,7 +33,7 @@ from shared.config import (
 from shared.errors import DataFormatError
 from simulations.deploy import DeployError
 from simulations.flower import SimulationError
-from simulations.runs import FolderError, check_replaceable, child, clear, hold, mark
+from simulations.runs import FolderError, check_replaceable, child, clear, hold, is_marked, mark, marker, write_safely
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -201,7 +201,7 @@ def _privacy_sweep(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} exists, is not empty and holds no sweep (no config.yaml); choose another "
                               "--out")
     out.mkdir(parents=True, exist_ok=True)
-    dump(cfg, out / "config.new.yaml")
+    write_safely(out / "config.new.yaml", partial(dump, cfg))
     if stamp.is_file() and stamp.read_text() != (out / "config.new.yaml").read_text():
         (out / "config.new.yaml").unlink()
         raise FileExistsError(f"{out} holds a sweep of another config ({stamp}); choose another --out")
@@ -234,11 +234,30 @@ def _same_run(cfg: Config, run_dir: Path) -> None:
                           "and faults.* may change)")
 
 
-def _kept(cfg: Config, config_file: str) -> dict[str, str | None]:
+def _made_run(run_dir: Path) -> None:
+    """Refuse to resume a folder that is not a run: it must hold the run's marker or its checkpoint.
+
+    Checked before the lock is taken, and a resume never writes a marker: a
+    folder that merely holds a matching config.yaml must not become one that
+    ``--force`` may later replace.
+    """
+    from server.checkpoint import FILE
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {run_dir}: no such folder; expected a run folder written by "
+                                "`fedfuse simulate`")
+    if not (is_marked(run_dir, "run") or (run_dir / FILE).is_file()):
+        raise FolderError(f"--resume {run_dir}: not a run fedfuse made (no {marker(run_dir, 'run').name} or {FILE} "
+                          "file); expected a run folder written by `fedfuse simulate`")
+
+
+def _kept(cfg: Config, config_file: str) -> dict[str, str | Path | None]:
     """What ``--force`` must never delete: the data, the holdout, caches, ledgers, weights, the config itself."""
+    from shared.privacy import ledger_folder
+
     return {"data.root": cfg.data.root, "server.eval_data": cfg.server.eval_data, "data.cache_dir": cfg.data.cache_dir,
-            "privacy.ledger_dir": cfg.privacy.ledger_dir, "model.pretrained": cfg.model.pretrained,
-            "the config file": config_file}
+            "privacy.ledger_dir": ledger_folder({}, cfg.privacy, cfg.data.root),  # as a simulated site finds it
+            "model.pretrained": cfg.model.pretrained, "the config file": config_file}
 
 
 def _run_folder(args: argparse.Namespace, cfg: Config) -> tuple[Path, bool]:
@@ -247,6 +266,7 @@ def _run_folder(args: argparse.Namespace, cfg: Config) -> tuple[Path, bool]:
         if args.out or args.seeds or args.force:
             raise ValueError("--resume RUN_DIR continues that run: it takes no --out, --seeds or --force")
         run_dir = Path(args.resume).resolve()
+        _made_run(run_dir)
         _same_run(cfg, run_dir)
         return run_dir, False
     run_dir = (Path(args.out) if args.out else child(Path("runs"), run_name(cfg), "name")).resolve()
@@ -273,13 +293,15 @@ def _simulate(args: argparse.Namespace) -> int:
     with hold(run_dir):
         if replace:
             clear(run_dir)
-        mark(run_dir, "run")
+        if not args.resume:  # a resumed folder was checked to be a run (_made_run): a resume marks nothing
+            mark(run_dir, "run")
         for seed in seeds:
             run = dataclasses.replace(cfg, seed=seed)
             folder = run_dir / f"seed-{seed}" if args.seeds else run_dir
             with hold(folder) if args.seeds else contextlib.nullcontext():
-                mark(folder, "run")
-                dump(run, folder / "config.yaml")
+                if args.seeds:
+                    mark(folder, "run")
+                write_safely(folder / "config.yaml", partial(dump, run))
                 run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run),
                               "resume": "true" if args.resume else ""}
                 print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
@@ -291,7 +313,7 @@ def _simulate(args: argparse.Namespace) -> int:
             finals[seed] = _trained(folder)["final"]
         if args.seeds:
             summary = seed_summary(finals)
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_safely(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=1)))
             print("over seeds " + ", ".join(map(str, seeds)) + ": "
                   + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items()))
         return _summarise(folder, finals[seeds[-1]], started)  # the report too is written under the lock

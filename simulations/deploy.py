@@ -50,7 +50,17 @@ from simulations.flower import (
     wait_ready,
     write_connection,
 )
-from simulations.runs import OWNER_ENV, FolderError, child, die_with_parent, hold, is_marked, mark, marker
+from simulations.runs import (
+    OWNER_ENV,
+    FolderError,
+    child,
+    die_with_parent,
+    hold,
+    is_marked,
+    mark,
+    marker,
+    open_log,
+)
 
 CERT_DAYS = 825  # the longest lifetime browsers and most TLS stacks still accept for a server certificate
 MAX_CERT_DAYS = 36500  # a century: beyond it, dates near X.509's year 9999 limit overflow
@@ -264,7 +274,7 @@ class Federation:
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
         child(self.folder, name, "site name")  # its log and folder stay inside this federation's folder
         self.echo("$ " + shlex.join(argv))
-        log = open(self.folder / f"{name}.log", "ab")
+        log = open_log(self.folder / f"{name}.log", binary=True)
         proc = subprocess.Popen(argv, cwd=self.folder / name, env=self._env(name), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
         log.close()
@@ -298,7 +308,7 @@ class Federation:
         write_connection(Path(env["FLWR_HOME"]), self.address, self.certs["ca"])
         run_dir = Path(run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "flower.log", "a") as log:
+        with open_log(run_dir / "flower.log") as log:
             return submit_and_follow(env, run_dir / "run_config.toml", {**run_config, "run-dir": str(run_dir)},
                                      log, run_dir / "flower.log", echo,
                                      on_submitted=lambda: self.helpers.extend(self._superlink_children()))

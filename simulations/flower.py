@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tomli_w
 
-from simulations.runs import OWNER_ENV, die_with_parent, hold, mark, processes
+from simulations.runs import OWNER_ENV, die_with_parent, hold, mark, open_log, processes, subfolder, write_safely
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -60,10 +60,8 @@ def flower_env(home: Path, ray_tmp: Path) -> dict[str, str]:
 
 def ray_tmpdir(preferred: Path) -> tuple[Path, bool]:
     """``preferred`` if Ray's socket paths fit under it, else a short private folder (and True: remove it)."""
-    preferred = preferred.resolve()
-    if len(str(preferred)) <= RAY_SOCKET_ROOM:
-        preferred.mkdir(parents=True, exist_ok=True)
-        return preferred, False
+    if len(str(preferred.resolve())) <= RAY_SOCKET_ROOM:
+        return subfolder(preferred).resolve(), False
     return Path(tempfile.mkdtemp(prefix="fedfuse-ray-")), True
 
 
@@ -124,14 +122,13 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
     inside :func:`simulations.runs.hold` of ``run_dir`` (or a folder above it),
     whose watchdog stops these processes if this one is killed.
     """
-    home = run_dir / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
+    home = subfolder(run_dir / "flwr-home")
     ray_tmp, own_ray_tmp = ray_tmpdir(run_dir / "ray")
     env = {**flower_env(home, ray_tmp), OWNER_ENV: str(run_dir.resolve())}
     port = _free_port()
     write_connection(home, f"127.0.0.1:{port}")
     log_path = run_dir / "flower.log"
-    with open(log_path, "a") as log:
+    with open_log(log_path) as log:
         superlink = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"],
@@ -155,7 +152,8 @@ def write_connection(home: Path, address: str, root_certificates: Path | None = 
     """``$FLWR_HOME/config.toml`` with one SuperLink connection, ``fedfuse``, made the default."""
     conn = {"address": address}
     conn.update({"root-certificates": str(root_certificates)} if root_certificates else {"insecure": True})
-    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "fedfuse", "fedfuse": conn}}))
+    text = tomli_w.dumps({"superlink": {"default": "fedfuse", "fedfuse": conn}})
+    write_safely(home / "config.toml", lambda path: path.write_text(text))
 
 
 def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dict, log, log_path: Path, echo,
@@ -166,7 +164,7 @@ def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dic
     from ``flwr ls`` afterwards; anything but ``finished:completed`` raises.
     Returns the run id.
     """
-    overrides_path.write_text(tomli_w.dumps(run_config))
+    write_safely(overrides_path, lambda path: path.write_text(tomli_w.dumps(run_config)))
     args = ["run", str(PROJECT_ROOT), "fedfuse", "--format", "json", "--run-config", str(overrides_path)]
     if federation_config:
         args += ["--federation-config", federation_config]

@@ -20,6 +20,7 @@ import numpy as np
 from shared.config import classes_of, eval_data_path, focus_class, load, task_of
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES
+from simulations.runs import write_safely
 
 # What a report reads from metrics.json, and its type (the rest is optional).
 REQUIRED = {"name": str, "model": str, "task": str, "classes": list, "sites": list, "rounds": list, "pairing": str,
@@ -308,5 +309,5 @@ td{{padding:2px 12px}}section{{border-top:1px solid #ddd;margin-top:1.2em}}</sty
 </body></html>
 """
     path = run_dir / "report.html"
-    path.write_text(page)
+    write_safely(path, lambda temporary: temporary.write_text(page))
     return path

@@ -18,22 +18,32 @@
   marked. The watchdog shares the lock, so the folder stays locked until they
   are gone.
 
-This module imports the standard library only: the watchdog runs it as
-``python -m simulations.runs FOLDER``.
+* Nothing is written through a symbolic link planted in a run folder: the lock
+  and the logs are opened with ``O_NOFOLLOW`` and must be regular files
+  (:func:`open_log`); whole files (the marker, configs) are written to a new
+  temporary file and renamed over their name (:func:`write_safely`), which
+  replaces a link rather than following it.
+
+Besides the standard library this module imports only ``shared.config`` (for
+the name rule; no torch, numpy or Flower), so the watchdog, which runs it as
+``python -m simulations.runs FOLDER``, starts in a moment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -48,6 +58,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SWEEP_S = 20.0  # the watchdog's limit for stopping what is left
 DONE = b"done"  # what hold() tells its watchdog before closing its stdin: the parent lives, the run ended
 POLL_S = 0.5  # how often the watchdog looks at its parent and records the parent's descendants
+JSON_BYTES = 4096  # a marker or a lock holds one line of JSON; more is not one
 
 
 class FolderError(RuntimeError):
@@ -79,14 +90,17 @@ def mark(folder: Path, kind: str) -> None:
     except PackageNotFoundError:
         made_by = "unknown"
     Path(folder).mkdir(parents=True, exist_ok=True)
-    marker(folder, kind).write_text(json.dumps({"made_by": "fedfuse", "kind": kind, "version": made_by,
-                                                "created": datetime.now().isoformat(timespec="seconds")}) + "\n")
+    made = json.dumps({"made_by": "fedfuse", "kind": kind, "version": made_by,
+                       "created": datetime.now().isoformat(timespec="seconds")}) + "\n"
+    write_safely(marker(folder, kind), lambda path: path.write_text(made))
 
 
 def is_marked(folder: Path, kind: str) -> bool:
-    """Whether ``folder`` holds a readable marker of ``kind``."""
+    """Whether ``folder`` holds a readable marker of ``kind``: a regular file, not a link to another folder's."""
     try:
-        made = json.loads(marker(folder, kind).read_text())
+        fd = os.open(marker(folder, kind), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            made = json.loads(file.read(JSON_BYTES)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
     except (OSError, ValueError):
         return False
     return isinstance(made, dict) and made.get("made_by") == "fedfuse" and made.get("kind") == kind
@@ -114,15 +128,81 @@ def check_replaceable(folder: Path, kind: str, flag: str, keep: dict[str, str | 
                           "another folder or empty this one yourself")
 
 
-def clear(folder: Path) -> None:
-    """Delete what ``folder`` holds except its lock (held by the caller, see :func:`hold`)."""
-    for entry in Path(folder).iterdir():
-        if entry.name == LOCK:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+def clear(folder: Path, keep: Callable[[Path], bool] = lambda entry: False) -> list[Path]:
+    """Delete what ``folder`` holds except its lock (held by the caller, see :func:`hold`) and the folders
+    ``keep`` picks, at any depth: a folder on the way to one is emptied, not removed. Links are removed, never
+    followed. Returns the folders kept."""
+    def holds_kept(entry: Path) -> bool:
+        return any(keep(Path(top) / name) for top, names, _ in os.walk(entry) for name in names)
+
+    def empty(where: Path, top: bool) -> list[Path]:
+        kept = []
+        for entry in where.iterdir():
+            if top and entry.name == LOCK:
+                continue
+            if not entry.is_dir() or entry.is_symlink():
+                entry.unlink()
+            elif keep(entry):
+                kept.append(entry)
+            elif holds_kept(entry):
+                kept += empty(entry, top=False)
+            else:
+                shutil.rmtree(entry)
+        return kept
+
+    return empty(Path(folder), top=True)
+
+
+def write_safely(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` whole: ``write`` fills a new temporary file beside it, which is then renamed to ``path``.
+
+    A symbolic link planted at ``path`` is replaced, never written through, and
+    no reader sees half a file. Raises :class:`FolderError` if ``path`` cannot
+    be replaced (a folder, say).
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # what a plain write gives under the usual umask; mkstemp's 0600 would hide run files
+    os.close(fd)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except OSError as err:
+        raise FolderError(f"{path}: cannot write it ({err.strerror}); expected a file fedfuse may replace") from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def subfolder(path: Path) -> Path:
+    """``path``, a folder fedfuse keeps in a run folder (Flower's home, Ray's), made if absent; refuses a link,
+    since what is written there would land where it points."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FolderError(f"{path}: {'a symbolic link' if path.is_symlink() else 'not a folder'}; expected a folder "
+                          "fedfuse makes in the run folder (it never writes through a link): remove it and retry")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """An fd of ``path`` opened with ``flags`` (created if absent), never through a link; refuses anything but a
+    regular file (a FIFO or a device would block or be written to)."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        why = "a symbolic link" if err.errno == errno.ELOOP else f"cannot open it ({err.strerror})"
+        raise FolderError(f"{path}: {why}; expected a regular file fedfuse writes (it never writes through a "
+                          "link): remove it and retry") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FolderError(f"{path}: not a regular file; expected a regular file fedfuse writes: remove it and retry")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_log(path: Path, binary: bool = False):
+    """``path`` opened to append (a log in a run folder), never through a link (:func:`_open_regular`)."""
+    return os.fdopen(_open_regular(Path(path), os.O_WRONLY | os.O_APPEND), "ab" if binary else "a")
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -146,23 +226,23 @@ def die_with_parent() -> Callable[[], None] | None:
 
 def _lock(folder: Path) -> int:
     """An fd holding ``folder``'s exclusive lock, with this process recorded as its owner; refuses a live owner."""
-    path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_regular(folder / LOCK, os.O_RDWR)  # a link planted as the lock would be truncated below
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        owner = _owner(fd)
         os.close(fd)
-        raise FolderError(f"{folder}: {_owner(path)}") from None
+        raise FolderError(f"{folder}: {owner}") from None
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "started": _start_ticks(os.getpid()),
                              "since": datetime.now().isoformat(timespec="seconds")}).encode())
     return fd
 
 
-def _owner(lock: Path) -> str:
-    """Who holds ``lock``, for the refusal."""
+def _owner(lock: int) -> str:
+    """Who holds the lock open as fd ``lock``, for the refusal."""
     try:
-        owner = json.loads(lock.read_text())
+        owner = json.loads(os.pread(lock, JSON_BYTES, 0))
         pid, since = int(owner["pid"]), owner["since"]
     except (OSError, ValueError, KeyError, TypeError):
         return "another fedfuse command is writing this folder; wait until it ends"

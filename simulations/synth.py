@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,13 +142,23 @@ def _write_site(
     return totals
 
 
+def is_ledger_folder(folder: Path) -> bool:
+    """Whether ``folder`` keeps privacy ledgers: named as a site's ledger folder, or holding a ledger file (a
+    ``privacy.ledger_dir`` of another name)."""
+    from shared.privacy import LEDGER_FOLDER  # here: the tile workers need no torch
+
+    return folder.name == LEDGER_FOLDER or any(folder.glob("ledger-*.json"))
+
+
 def synth(out: Path, sites: int, seed: int, preset: str = "quick", replace: bool = False,
-          workers: int | None = None) -> dict[str, dict[str, int]]:
+          workers: int | None = None, echo: Callable[[str], None] = print) -> dict[str, dict[str, int]]:
     """Generate ``sites`` hospitals and a holdout under ``out``; returns point counts per folder.
 
     ``out`` must be new or empty, so no hospital's tables or tiles are
     overwritten or mixed with generated ones; ``replace`` empties it first, but
-    only if ``synth`` made it (its ``.fedfuse-data`` marker). ``workers``
+    only if ``synth`` made it (its ``.fedfuse-data`` marker), and keeps its
+    privacy ledgers (:func:`is_ledger_folder`, said with ``echo``): the same
+    seed makes the same patients, whose spent epsilon must still count. ``workers``
     processes render the tiles (default: the CPUs this process may use, at
     most 4); the output does not depend on it. On a terminal, a
     progress bar counts the tiles (none in a log).
@@ -164,7 +175,9 @@ def synth(out: Path, sites: int, seed: int, preset: str = "quick", replace: bool
             raise FolderError(f"--out {out}: not empty; generated hospitals go into a new or empty folder, so no "
                               "data is overwritten or mixed (--force replaces a folder `fedfuse synth` made)")
         check_replaceable(out, "data", "--out")
-        clear(out)
+        for kept in clear(out, keep=is_ledger_folder):
+            echo(f"kept {kept}: privacy ledgers; regenerated patients are the same patients, so what they have "
+                 "spent still counts (`fedfuse privacy reset` starts them over, on purpose)")
     mark(out, "data")  # first: a half-written folder is still one synth may replace
     p = PRESETS[preset]
     rng = np.random.default_rng(seed)

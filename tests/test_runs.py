@@ -14,7 +14,7 @@ import pytest
 import simulations.flower
 from server import checkpoint
 from simulations.cli import main
-from simulations.flower import ScreenLines
+from simulations.flower import ScreenLines, run_simulation
 from simulations.runs import (
     LOCK,
     OWNER_ENV,
@@ -179,6 +179,128 @@ def test_a_resume_while_another_run_holds_the_folder_is_refused(quick_data, tmp_
     (run / "stale.txt").write_text("from the run before")
     assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(run), "--force"]) == 0
     assert not (run / "stale.txt").exists() and is_marked(run, "run")
+
+
+def made_run(quick_data, run: Path, monkeypatch, capsys) -> None:
+    """A run folder as `fedfuse simulate` leaves it (marker, config.yaml, lock), from a faked Flower run."""
+    monkeypatch.setattr(simulations.flower, "run_simulation", fake_run({"rounds": [], "final": {"source": "none"}}))
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(run)]) == 2  # trained nothing, but made
+    assert "the run trained nothing" in capsys.readouterr().err
+    assert is_marked(run, "run") and (run / "config.yaml").is_file() and (run / LOCK).is_file()
+
+
+def test_resume_refuses_a_folder_that_only_holds_a_matching_config(quick_data, tmp_path, monkeypatch, capsys):
+    """No marker is written into it, so a later --force still refuses it; a real run still resumes, unmarked anew."""
+    run = tmp_path / "run"
+    made_run(quick_data, run, monkeypatch, capsys)
+    mine = hospital(tmp_path / "mine")
+    (mine / "config.yaml").write_bytes((run / "config.yaml").read_bytes())
+    before = tree(mine)
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--resume", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedfuse: error: --resume {mine}: not a run fedfuse made (no .fedfuse-run or checkpoint.json "
+                   "file); expected a run folder written by `fedfuse simulate`")
+    assert tree(mine) == before and not marker(mine, "run").exists() and not (mine / LOCK).exists()
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--out", str(mine), "--force"]) == 2
+    assert "fedfuse did not make it" in capsys.readouterr().err
+    assert tree(mine) == before
+    made = marker(run, "run").read_bytes()
+    monkeypatch.setattr(simulations.flower, "run_simulation", fake_run({
+        "rounds": [{"round": 1, "train_loss": 0.5}], "final": {"source": "none"}}))
+    assert main(["simulate", CONFIG, *ehr_run(quick_data), "--resume", str(run)]) == 0
+    assert marker(run, "run").read_bytes() == made
+
+
+def test_a_lock_planted_as_a_link_is_refused_and_its_target_unchanged(quick_data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    made_run(quick_data, run, monkeypatch, capsys)
+    precious = tmp_path / "bashrc"
+    precious.write_text("export PATH=$HOME/bin:$PATH\n")
+    (run / LOCK).unlink()
+    (run / LOCK).symlink_to(precious)
+    for how in (["--resume", str(run)], ["--out", str(run), "--force"]):
+        assert main(["simulate", CONFIG, *ehr_run(quick_data), *how]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"fedfuse: error: {run / LOCK}: a symbolic link; expected a regular file fedfuse writes (it "
+                       "never writes through a link): remove it and retry")
+        assert precious.read_text() == "export PATH=$HOME/bin:$PATH\n" and (run / LOCK).is_symlink()
+
+
+def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / LOCK)
+    with pytest.raises(FolderError, match=rf"^{run / LOCK}: not a regular file; expected a regular file"):
+        with hold(run):
+            pass
+
+
+def test_a_marker_is_never_written_through_a_link_nor_read_through_one(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not fedfuse's\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    marker(folder, "run").symlink_to(precious)
+    mark(folder, "run")
+    assert precious.read_text() == "not fedfuse's\n"
+    assert not marker(folder, "run").is_symlink() and is_marked(folder, "run")
+    assert [p.name for p in folder.iterdir()] == [marker(folder, "run").name]  # no temporary file left
+    theirs = hospital(tmp_path / "theirs")  # a link to a real run's marker does not make a folder a run
+    marker(theirs, "run").symlink_to(marker(folder, "run"))
+    assert not is_marked(theirs, "run")
+
+
+def test_flower_log_planted_as_a_link_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not fedfuse's\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "flower.log").symlink_to(precious)
+
+    def superlink(*args, stdout, **kwargs):  # what a started SuperLink does first: write to its log
+        stdout.write("INFO : Starting SuperLink\n")
+        stdout.flush()
+        raise RuntimeError("no SuperLink in this test")
+
+    monkeypatch.setattr(simulations.flower.subprocess, "Popen", superlink)
+    with pytest.raises(FolderError, match=rf"^{run / 'flower.log'}: a symbolic link"):
+        run_simulation(run, {}, 1, 1.0)
+    assert precious.read_text() == "not fedfuse's\n"
+
+
+def test_force_never_replaces_a_ledger_folder_named_relative_to_the_data(tmp_path, monkeypatch, capsys):
+    """A relative privacy.ledger_dir lies inside data.root, wherever the command runs."""
+    data = hospital(tmp_path / "hospital")
+    ledgers = data / "ledgers"
+    mark(ledgers, "run")
+    (ledgers / "ledger-site-0.json").write_text('{"history": []}')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(simulations.flower, "run_simulation", fake_run({"rounds": [], "final": {"source": "none"}}))
+    before = tree(tmp_path)
+    assert main(["simulate", CONFIG, "--set", f"data.root={data}", "--set", "privacy.ledger_dir=ledgers",
+                 "--out", str(ledgers), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"it is or holds privacy.ledger_dir ({ledgers})" in err
+    assert tree(tmp_path) == before
+
+
+def test_synth_force_keeps_the_privacy_ledgers(tmp_path, capsys):
+    """The same seed makes the same patients: what they spent stays, at the root and in a site folder alike."""
+    out = tmp_path / "data"
+    ledgers = {out / ".fedfuse-privacy" / "ledger-site-0.json": '{"site": "site-0"}',
+               out / "site-0" / ".fedfuse-privacy" / "ledger-abc.json": '{"site": "hospital-a"}',
+               out / "custom" / "ledger-site-1.json": '{"site": "site-1"}'}
+    mark(out, "data")
+    for path, text in ledgers.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (out / "site-0" / "old-tile.tif").write_bytes(b"from the run before")
+    assert main(["synth", "--out", str(out), "--sites", "1", "--force"]) == 0
+    shown = capsys.readouterr().out
+    assert all(path.read_text() == text for path, text in ledgers.items())
+    for kept in (out / ".fedfuse-privacy", out / "site-0" / ".fedfuse-privacy", out / "custom"):
+        assert f"kept {kept}: privacy ledgers" in shown
+    assert not (out / "site-0" / "old-tile.tif").exists() and (out / "site-0" / "linkage.csv").is_file()
 
 
 # What `flwr log --stream` gives for a ClientApp that raised, then a ServerApp that crashed (shortened from a
