@@ -51,7 +51,14 @@ from shared.metrics import classification_metrics, ehr_only_auc
 from shared.mimic import FEATURES
 
 APP_ROOT = Path(__file__).resolve().parent.parent
-MAX_EHR_VALUE = 1e6  # no EHR feature (shared/mimic.py: age, vitals, lab values, flags) comes near it in its unit
+# What a site's stain statistics (shared/stain.py) can honestly be, per method: (lowest, highest) of each. Reinhard:
+# LAB means within the channels' ranges as torchstain converts (L 0..100, a and b -128..127), standard deviations at
+# most half a channel's range. Macenko: stain vectors are unit optical-density directions (each component in
+# [-1, 1]); 99th-percentile concentrations are optical densities >= 0 (8-bit RGB reaches ln 256 = 5.5 a channel;
+# 100 leaves room for nearly parallel stain vectors).
+STAIN_RANGE = {"reinhard": ((0, -128, -128, 0, 0, 0), (100, 127, 127, 50, 127.5, 127.5)),
+               "macenko": ((-1,) * 6 + (0, 0), (1,) * 6 + (100, 100))}
+MAX_STAIN_IMAGES = 10**6  # tiles a site may say it measured: BreCaHAD holds 162, a hospital's archive far fewer than this
 app = ServerApp()
 
 
@@ -85,19 +92,24 @@ def _ehr_sums(reply: Message, examples: int) -> dict[str, np.ndarray]:
             raise ValueError(f"stats {k!r}: expected a list of {n} numbers, one per EHR feature (MetricRecord 'stats')")
         sums[k] = np.asarray(value, np.float64)
         if not np.isfinite(sums[k]).all():
-            raise ValueError(f"stats {k!r} holds NaN or Inf")
+            raise ValueError(f"stats {k!r} holds NaN or Inf: expected {n} finite numbers")
     count, total, squares = sums["count"], sums["sum"], sums["sumsq"]
     if ((count < 0) | (count > examples) | (count != np.round(count))).any():
         raise ValueError(f"stats 'count': expected whole numbers from 0 to the site's {examples} training examples")
-    # An honest site's sums obey Cauchy-Schwarz (sum^2 <= count * sumsq) and no EHR value is beyond MAX_EHR_VALUE.
-    if ((squares < 0) | (squares > count * MAX_EHR_VALUE**2) | (total**2 > count * squares * (1 + 1e-9) + 1e-9)).any():
+    # An honest site's sums obey Cauchy-Schwarz (sum^2 <= count * sumsq) and no EHR value (shared/mimic.py: age,
+    # vitals, lab values, flags) comes near MAX_WEIGHT, the bound of the EHR scaling the server pools from them.
+    if ((squares < 0) | (squares > count * learner.MAX_WEIGHT**2) | (total**2 > count * squares * (1 + 1e-9) + 1e-9)).any():
         raise ValueError(f"stats 'sum' and 'sumsq' do not fit 'count': expected sums of values within "
-                         f"+-{MAX_EHR_VALUE:g}, with sum^2 <= count * sumsq")
+                         f"+-{learner.MAX_WEIGHT:g}, with sum^2 <= count * sumsq")
     return sums
 
 
 def _declared(reply: Message) -> Declared:
-    """The split sizes a site reports with its statistics: the bounds of its later replies' ``num-examples``."""
+    """The split sizes a site reports with its statistics: the bounds of its later replies' ``num-examples``.
+
+    Nothing bounds them but the site's own sums: a consistent liar (examples 10**12, counts and sums that agree)
+    passes every check and dominates the pooled EHR scaling and every example-weighted aggregate (README, Hardening).
+    """
     site = reply.content.config_records["site"]
     examples, test = as_count(site.get("examples")), site.get("test-examples")
     if examples is None or examples < 1:
@@ -108,11 +120,12 @@ def _declared(reply: Message) -> Declared:
 
 
 def _ask(grid: Grid, messages: list[Message], timeout: float, what: str, parse: Callable[[Message], Any],
-         label: Callable[[int], str]) -> tuple[dict[int, Any], list[str]]:
+         label: Callable[[int], str]) -> tuple[dict[int, Any], dict[str, str]]:
     """Each site's answer to ``messages``, ``parse``d (node -> answer, in node order), and why the others were
-    left out: one printed line a site, with the site's own error where it failed (not only in flower.log)."""
+    left out (site -> why, for metrics.json's ``left_out``): one printed line a site, with the site's own error
+    where it failed (not only in flower.log)."""
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
-    answers, problems = {}, []
+    answers, left_out = {}, {}
     for node in sorted(m.metadata.dst_node_id for m in messages):
         reply = replies.get(node)
         if reply is None:
@@ -125,13 +138,13 @@ def _ask(grid: Grid, messages: list[Message], timeout: float, what: str, parse: 
                 continue
             except ValueError as err:
                 reason = str(err)
-        problems.append(f"{label(node)}: {reason}")
+        left_out[label(node)] = reason
         print(f"[fedfuse] site {label(node)} left out of {what}: {reason}", flush=True)
-    return answers, problems
+    return answers, left_out
 
 
-def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict], dict[int, Declared]]:
-    """Ask every site for its EHR sums: node -> site name, the sums, and what each site declared.
+def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict], dict[int, Declared], dict[str, str]]:
+    """Ask every site for its EHR sums: node -> site name, the sums, what each site declared, the sites left out.
 
     A site whose reply is an error or fails a check (its name, its split sizes, the sums' lengths, finiteness and
     consistency) is left out of the run, with its reason printed; the run goes on while
@@ -151,12 +164,12 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
         return _ehr_sums(reply, declared.examples), declared
 
     messages = [Message(RecordDict(), message_type="query.ehr_stats", dst_node_id=n) for n in nodes]
-    answers, problems = _ask(grid, messages, 600, "the run", parse, lambda node: names.get(node, f"node {node}"))
+    answers, left_out = _ask(grid, messages, 600, "the run", parse, lambda node: names.get(node, f"node {node}"))
     if len(answers) < cfg.federation.min_sites:
         raise RuntimeError(f"only {len(answers)} site(s) answered with usable statistics; federation.min_sites is "
-                           f"{cfg.federation.min_sites}" + "".join(f"; {p}" for p in problems))
+                           f"{cfg.federation.min_sites}" + "".join(f"; {s}: {why}" for s, why in left_out.items()))
     return ({node: names[node] for node in answers}, [sums for sums, _ in answers.values()],
-            {node: declared for node, (_, declared) in answers.items()})
+            {node: declared for node, (_, declared) in answers.items()}, left_out)
 
 
 def _shap_part(reply: Message, cfg: Config) -> tuple[np.ndarray, int]:
@@ -173,56 +186,72 @@ def _shap_part(reply: Message, cfg: Config) -> tuple[np.ndarray, int]:
 
 
 def _federated_importance(grid: Grid, names: dict[int, str], arrays: ArrayRecord, cfg: Config,
-                          message_config: dict) -> dict:
-    """Federated SHAP: each site's mean |SHAP| per feature and row count, combined by row count."""
+                          message_config: dict) -> tuple[dict, dict[str, str]]:
+    """Federated SHAP: each site's mean |SHAP| per feature and row count, combined by row count; the sites left out."""
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(message_config)}),
                         message_type="query.shap", dst_node_id=n) for n in names]
-    answers, _ = _ask(grid, messages, cfg.federation.round_timeout, "federated SHAP",
-                      lambda reply: _shap_part(reply, cfg), names.get)
+    answers, left_out = _ask(grid, messages, cfg.federation.round_timeout, "federated SHAP",
+                             lambda reply: _shap_part(reply, cfg), names.get)
     order = sorted(answers, key=names.get)
     parts = [answers[node] for node in order]
     if not parts:
-        return {}
+        return {}, left_out
     mean_abs = explain.combine(parts)
     ranked = sorted(zip(FEATURES, mean_abs.tolist()), key=lambda fv: -fv[1])
     print("[fedfuse] federated SHAP, mean |SHAP| for " + focus_class(classes_of(cfg)) + ": "
           + ", ".join(f"{f} {v:.3f}" for f, v in ranked[:5]), flush=True)
     return {"method": "TreeExplainer" if cfg.model.name == "xgboost" else "DeepExplainer (mean patient reference)",
             "class": focus_class(classes_of(cfg)), "rows": {names[node]: answers[node][1] for node in order},
-            "mean_abs_shap": dict(ranked)}
+            "mean_abs_shap": dict(ranked)}, left_out
 
 
 def _stain_part(reply: Message, method: str) -> tuple[np.ndarray, int]:
-    """A site's mean stain statistics and its image count, checked."""
+    """A site's mean stain statistics and its image count, checked against what they can be (:data:`STAIN_RANGE`,
+    :data:`MAX_STAIN_IMAGES`).
+
+    A consistent liar still passes: statistics anywhere in the colour space with up to MAX_STAIN_IMAGES images
+    outweigh every honest site, so it can pull the federation's reference to any stain within those ranges (one no
+    site's tissue looks like degrades every site's normalisation), never beyond them; the server cannot count a
+    site's tiles.
+    """
     record, n = reply.content.metric_records.get("stain"), len(stain.shipped(method))
     mean, images = (record.get("mean"), as_count(record.get("images"))) if record is not None else (None, None)
-    if not isinstance(mean, list) or len(mean) != n or not np.all(np.isfinite(mean)):
-        raise ValueError(f"stain 'mean': expected {n} finite numbers ({method} statistics)")
-    if images is None or images < 1:
-        raise ValueError(f"stain 'images' {record.get('images')!r}: expected a positive whole number")
-    return np.asarray(mean, np.float64), images
+    low, high = STAIN_RANGE[method]
+    values = np.asarray(mean if isinstance(mean, list) else [], np.float64)
+    if len(values) != n or not ((values >= low) & (values <= high)).all():  # NaN fails both: refused too
+        raise ValueError(f"stain 'mean': expected {n} numbers ({method} statistics), each from {list(low)} to "
+                         f"{list(high)} in turn")
+    if images is None or not 1 <= images <= MAX_STAIN_IMAGES:
+        raise ValueError(f"stain 'images' {record.get('images')!r}: expected a whole number from 1 to "
+                         f"{MAX_STAIN_IMAGES}")
+    return values, images
 
 
-def _federated_stain_reference(grid: Grid, names: dict[int, str], cfg: Config) -> tuple[list[float], dict[str, int]]:
-    """The federation's stain reference: each site's mean tile statistics, weighted by its tile count."""
+def _federated_stain_reference(grid: Grid, names: dict[int, str],
+                               cfg: Config) -> tuple[list[float], dict[str, int], dict[str, str]]:
+    """The federation's stain reference (each site's mean tile statistics, weighted by its tile count), each
+    site's tile count, and the sites left out."""
     messages = [Message(RecordDict(), message_type="query.stain", dst_node_id=n) for n in names]
-    answers, _ = _ask(grid, messages, cfg.federation.round_timeout, "the stain reference",
-                      lambda reply: _stain_part(reply, cfg.data.stain_norm), names.get)
+    answers, left_out = _ask(grid, messages, cfg.federation.round_timeout, "the stain reference",
+                             lambda reply: _stain_part(reply, cfg.data.stain_norm), names.get)
     if not answers:
-        raise RuntimeError("data.stain_reference: federated, but no site sent usable stain statistics")
-    return stain.combine(list(answers.values())).tolist(), dict(sorted((names[n], k) for n, (_, k) in answers.items()))
+        raise RuntimeError("data.stain_reference: federated, but no site sent usable stain statistics"
+                           + "".join(f"; {s}: {why}" for s, why in left_out.items()))
+    return (stain.combine(list(answers.values())).tolist(),
+            dict(sorted((names[n], k) for n, (_, k) in answers.items())), left_out)
 
 
-def _stain(grid: Grid, names: dict[int, str], cfg: Config) -> tuple[dict | None, dict]:
-    """The run header's stain section and the messages' config (the federation's stain reference, if federated)."""
+def _stain(grid: Grid, names: dict[int, str], cfg: Config) -> tuple[dict | None, dict, dict[str, str]]:
+    """The run header's stain section, the messages' config (the federation's stain reference, if federated) and
+    the sites left out of the stain query."""
     if cfg.data.stain_norm == "none":
-        return None, {}
-    message_config, sources = {}, {}
+        return None, {}, {}
+    message_config, sources, left_out = {}, {}, {}
     if cfg.data.stain_reference == "federated":
-        message_config[STAIN_REFERENCE], sources = _federated_stain_reference(grid, names, cfg)
+        message_config[STAIN_REFERENCE], sources, left_out = _federated_stain_reference(grid, names, cfg)
     normaliser = stain.normaliser_for(cfg.data, message_config.get(STAIN_REFERENCE))
     return ({"method": cfg.data.stain_norm, "reference_from": cfg.data.stain_reference,
-             "reference": normaliser.reference.tolist(), "images_per_site": sources}, message_config)
+             "reference": normaliser.reference.tolist(), "images_per_site": sources}, message_config, left_out)
 
 
 def _holdout(cfg: Config, message_config: dict) -> tuple[Samples | None, Path | None]:
@@ -333,7 +362,8 @@ def _finish(grid: Grid, cfg: Config, names: dict[int, str], record: RunRecord, a
     """After the rounds: federated SHAP, the final model and metrics (``extra`` too), the last lines on screen."""
     # Per-site aggregates are what secure aggregation hides from the server: no federated SHAP with it.
     if cfg.report.shap_rows and explain.has_ehr_input(cfg) and not cfg.privacy.secure_aggregation:
-        record.data["importance"] = _federated_importance(grid, names, arrays, cfg, message_config)
+        record.data["importance"], left_out = _federated_importance(grid, names, arrays, cfg, message_config)
+        record.left_out({"query.shap": left_out})
     learner.save(cfg, from_record(arrays), run_dir)
     final = record.finish({**extra, "seconds": round(time.time() - started, 1)})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in final.get("auc", {}).items())
@@ -352,15 +382,16 @@ def main(grid: Grid, context: Context) -> None:
                          "owns its rounds)")
     dump(cfg, run_dir / "config.yaml")
     started = time.time()
-    names, sums, declared = _site_statistics(grid, cfg)
+    names, sums, declared, left_stats = _site_statistics(grid, cfg)
     grid = AdmittedGrid(grid, names)  # a site left out is never sampled
     weights, pretrained = learner.initial_weights(cfg, *pooled_moments(sums))
-    stain_header, message_config = _stain(grid, names, cfg)
+    stain_header, message_config, left_stain = _stain(grid, names, cfg)
     holdout, eval_path = _holdout(cfg, message_config)
     record = RunRecord(run_dir, classes_of(cfg), _header(cfg, names, pretrained, holdout, eval_path, stain_header),
                        cfg.logging.tensorboard)
     if resumed:
         record.data, weights = resumed["record"], resumed["arrays"]
+    record.left_out({"query.ehr_stats": left_stats, "query.stain": left_stain})
     _announce(cfg, names, holdout, pretrained, resumed, run_dir)
     latest = {"arrays": to_record(weights)}  # the model to keep if the run stops early
     evaluate = _central_evaluation(cfg, record, holdout, latest)

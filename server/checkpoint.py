@@ -43,16 +43,13 @@ from safetensors.numpy import save as save_tensors
 
 from shared.config import Config, fixed_settings, settings_changed
 from shared.config import load as load_config
+from shared.learner import MAX_WEIGHT
 
 FILE = "checkpoint.json"
 OLD_FILE = "checkpoint.pkl"  # fedfuse's pickled checkpoints: never opened
 FORMAT = "fedfuse-checkpoint"
 VERSION = 2
 DATA = re.compile(r"checkpoint-(\d+)\.(safetensors|json)")
-# The largest honest values are the EHR scaling buffers: means and spreads of raw lab values, whose plausible range
-# (shared.mimic.LAB_PANEL) ends at 2e4 (LDH); trained weights, BatchNorm statistics and FedAdam's moments are far
-# smaller. 5.8e36 (a tampered or corrupted file) is not a weight.
-WEIGHT_BOUND = 1e6
 # Settings a resume may change: more rounds; injected faults (faults.*) are how a test stops a run, not what it trains.
 # Attributes of fedfuse's strategy classes that are wiring, rebuilt from the config on resume, not state; Flower's
 # metric aggregation functions are the constructor's defaults (code, not state).
@@ -303,9 +300,9 @@ def _check_weights(path: Path, tensors: dict[str, np.ndarray]) -> None:
         if not np.isfinite(a).all():
             raise ValueError(f"{path}: tensor '{name}' holds NaN or Inf; expected finite weights")
         peak = float(np.abs(a).max())
-        if peak > WEIGHT_BOUND:
+        if peak > MAX_WEIGHT:  # the bound the server holds every update to (server/loop.py)
             raise ValueError(f"{path}: tensor '{name}' holds {peak:.3g}; expected weights within "
-                             f"±{WEIGHT_BOUND:g} (a corrupted or tampered checkpoint)")
+                             f"±{MAX_WEIGHT:g} (shared.learner.MAX_WEIGHT; a corrupted or tampered checkpoint)")
 
 
 def _state(path: Path, data: bytes) -> dict:

@@ -16,11 +16,16 @@ so that:
   the training examples it declared before training, NaN/Inf (in the global
   model's dtype), missing or extra arrays, wrong shapes or dtypes, values far
   beyond the global model's (:data:`MAX_GROWTH`), an update farther from the
-  global model than :data:`MAX_RELATIVE_UPDATE` times its norm, or (with 3
-  sites or more) than ``federation.max_update_ratio`` times the round's
+  global model than ``federation.max_relative_update`` times its norm, or
+  (with 3 sites or more) than ``federation.max_update_ratio`` times the round's
   median, is replaced by an error reply, which every strategy's reply filter
   drops and the recording mixin prints and records under ``failed``
   (``evaluate_failed`` for an evaluation);
+* the arrays training never changes (the EHR scaling, frozen layers) are the
+  server's: in every reply they are overwritten with the values the server
+  sent, before the checks and the aggregation, so no site can move them and
+  no rounding on their way back (FedAdam's float64 global model, sent back as
+  float32) can cost an honest site its round;
 * replies are put in site order before aggregation (they arrive in any order,
   and a floating-point sum depends on its order);
 * the run stops cleanly, with the last good model, when fewer than
@@ -40,21 +45,15 @@ from flwr.serverapp import Grid
 from client.wire import UNIFORM, expand, to_record
 from server.strategy import PRIVACY_KEYS, note_failures
 from shared.config import TREE_STRATEGIES, Config, classes_of, compacted_upload
-from shared.learner import bn_names, trained_names
+from shared.learner import MAX_WEIGHT, bn_names, trained_names
 from shared.serde import flatten_metrics
 
 TIMEOUT = 101  # error codes of the replies the server makes up for a site (100: a site's budget_exhausted)
 REJECTED = 102
-# An update may lie at most this far from the global model (its trained weights), as a multiple of their norm: a
-# bound that needs no other site, so it holds with two. Measured on honest quickstart runs (2 sites, 2 rounds; round 1
-# is the largest): 0.16 at the defaults (fusion, FedAvg; also FedAdam, FedProx, local and central DP, float16
-# uploads, 3 sites), 0.02 mlp, 0.15 late_fusion, 0.21 BatchNorm cnn, 0.27 with 10 local epochs, 0.50 resnet18;
-# train.lr 0.01: 1.1 (fusion), 1.8 (BatchNorm cnn); train.lr 0.1: 1.8 (mlp), 4.0 (mlp, 10 epochs), 8.5 (fusion).
-# Only a BatchNorm cnn at lr 0.1, diverging (its BatchNorm variances 6500-fold in one round), goes beyond (12.8).
-MAX_RELATIVE_UPDATE = 10.0
 # No value of an update beyond this many times max(1, the largest |value| of the global array): it holds the arrays
 # the norm bound does not see (BatchNorm statistics) and keeps every sum of the aggregation far from overflow. The
-# same honest runs reach 2.2 (76 for BatchNorm variances at train.lr 0.01).
+# honest quickstart runs measured for federation.max_relative_update (shared/config.py) reach 2.2 (76 for BatchNorm
+# variances at train.lr 0.01).
 MAX_GROWTH = 1e3
 
 
@@ -140,13 +139,19 @@ def _keys(metrics: MetricRecord, expected: set[str], lists: set[str]) -> str | N
     return f"metrics {wrong[:5]}: expected {'lists' if wrong[0] in lists else 'numbers'}" if wrong else None
 
 
-def _counted(metrics: MetricRecord, most: int | None, what: str) -> str | None:
-    """Why ``num-examples`` is not a positive integer within the ``most`` the site declared before training."""
+def _counted(metrics: MetricRecord, declared: Declared | None, split: str) -> str | None:
+    """Why ``num-examples`` is not a positive integer within what the site ``declared`` before training for its
+    ``split`` (``training`` or ``test``; no test size declared: no limit). A site that declared nothing has no
+    count the server believes, in training and evaluation alike."""
     n = as_count(metrics["num-examples"])
     if n is None or n < 1:
         return f"num-examples {metrics['num-examples']!r}: expected a positive integer"
+    if declared is None:
+        return (f"num-examples {n}: the site reported no statistics before training (query.ehr_stats), so no count "
+                "of its is believed")
+    most = declared.examples if split == "training" else declared.test_examples
     if most is not None and n > most:
-        return f"num-examples {n} is more than the {most} {what} examples the site declared before training"
+        return f"num-examples {n} is more than the {most} {split} examples the site declared before training"
     return None
 
 
@@ -181,7 +186,7 @@ def check_train_metrics(cfg: Config, metrics: MetricRecord, declared: Declared |
     """
     expected = {"train_loss", "num-examples", "site-index", *PRIVACY_KEYS} | \
         ({UNIFORM} if cfg.privacy.mode == "central" else set())
-    reason = _keys(metrics, expected, set()) or _counted(metrics, declared.examples if declared else 0, "training")
+    reason = _keys(metrics, expected, set()) or _counted(metrics, declared, "training")
     if reason is not None:
         return reason
     if not (math.isfinite(metrics["train_loss"]) and metrics["train_loss"] >= 0):
@@ -200,7 +205,7 @@ def check_evaluation(cfg: Config, metrics: MetricRecord, declared: Declared | No
     expected = {*scores, "loss", "confusion", "num-examples", "site-index"} | \
         ({UNIFORM} if cfg.privacy.mode == "central" else set())
     reason = _keys(metrics, expected, {"confusion"}) or \
-        _counted(metrics, declared.test_examples if declared else None, "test")
+        _counted(metrics, declared, "test")
     if reason is not None:
         return reason
     bad = sorted(k for k in scores if not (math.isnan(metrics[k]) or 0 <= metrics[k] <= 1))
@@ -219,8 +224,8 @@ def check_update(reference: dict[str, np.ndarray], update: dict[str, np.ndarray]
     """Why ``update`` cannot be aggregated with the global ``reference``, or None when it can.
 
     Floating-point values are judged in the global model's dtype (a float64 1e300 is Inf as float32) and against
-    :data:`MAX_GROWTH`. ``shapes=False`` for XGBoost, whose one array is the serialised booster (its length
-    changes every round).
+    :data:`MAX_GROWTH` and ``shared.learner.MAX_WEIGHT``. ``shapes=False`` for XGBoost, whose one array is the
+    serialised booster (its length changes every round).
     """
     if update is None:
         return "expected exactly one ArrayRecord in the reply"
@@ -251,6 +256,8 @@ def _values(name: str, got: np.ndarray, ref: np.ndarray) -> str | None:
     if peak > bound:
         return (f"array {name!r} reaches {peak:.4g}, above {MAX_GROWTH:g} x max(1, the global array's largest "
                 f"value) = {bound:.4g}")
+    if peak > MAX_WEIGHT:  # what a resume accepts: an aggregate of accepted updates stays within it
+        return f"array {name!r} reaches {peak:.4g}, above {MAX_WEIGHT:g} (shared.learner.MAX_WEIGHT)"
     return None
 
 
@@ -271,19 +278,20 @@ def _norm(arrays: dict[str, np.ndarray], names: list[str]) -> float:
 def _too_far(cfg: Config, reference: dict[str, np.ndarray], updates: dict[int, dict[str, np.ndarray]]) -> dict[int, str]:
     """The updates (node -> why) too far from the global model.
 
-    Beyond :data:`MAX_RELATIVE_UPDATE` times the norm of its trained weights, measured on those weights (a
-    BatchNorm layer's statistics move far more, honestly; they and the untrained arrays are held by
-    :data:`MAX_GROWTH`); a global model of norm 0 has no scale (a real one never is). Among 3 updates or more,
-    also beyond ``federation.max_update_ratio`` times the round's median (all floating-point arrays); between
-    two, the larger is never above twice their median.
+    Beyond ``federation.max_relative_update`` times the norm of its trained weights, measured on those weights (a
+    BatchNorm layer's statistics move far more, honestly; they are held by :data:`MAX_GROWTH`); a global model of
+    norm 0 has no scale (a real one never is). Among 3 updates or more, also beyond ``federation.max_update_ratio``
+    times the round's median (all floating-point arrays); between two, the larger is never above twice their median.
     """
+    out, relative = {}, cfg.federation.max_relative_update
     trained = _floats(reference, trained_names(cfg))
     scale = _norm(reference, trained)
-    bound = MAX_RELATIVE_UPDATE * scale
-    distance = {node: _distance(reference, u, trained) for node, u in updates.items()}
-    out = {node: f"distance {d:.4g} from the global model is above {MAX_RELATIVE_UPDATE:g} x the norm of its trained "
-                 f"weights ({bound:.4g}; server/loop.py MAX_RELATIVE_UPDATE)"
-           for node, d in distance.items() if scale > 0 and d > bound}
+    if relative is not None and scale > 0:
+        bound = relative * scale
+        distance = {node: _distance(reference, u, trained) for node, u in updates.items()}
+        out = {node: f"distance {d:.4g} from the global model is above {relative:g} x the norm of its trained "
+                     f"weights ({bound:.4g}; federation.max_relative_update)"
+               for node, d in distance.items() if d > bound}
     ratio = cfg.federation.max_update_ratio
     if ratio is not None and len(updates) >= 3:
         distance = {node: _distance(reference, u, _floats(reference)) for node, u in updates.items()}
@@ -303,29 +311,31 @@ def _untrained(cfg: Config, reference: dict[str, np.ndarray]) -> list[str]:
     return [k for k in floats if k not in trained and k not in bn_names(cfg)] if trained else []
 
 
-def _changed(cfg: Config, reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> str | None:
-    """Why an update's untrained arrays are not the global model's: a site that moves the EHR scaling moves every
-    site's inputs. A float16 upload rounds them to 11 significant bits."""
-    half = cfg.federation.upload_dtype == "float16"
-    for k in _untrained(cfg, reference):
-        if not np.allclose(update[k], reference[k], rtol=2.0**-10 if half else 0.0, atol=2.0**-24 if half else 0.0):
-            return f"array {k!r} is not trained, yet differs from the global model's"
-    return None
+def _server_owned(cfg: Config, reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``update`` with its untrained arrays (:func:`_untrained`) set to the global values the server sent.
+
+    They are the server's (the EHR scaling is pooled from the sites' statistics): a site that moved them would
+    move every site's inputs, and an honest site cannot always send them back bit for bit (FedAdam's global
+    model is float64, a site's float32; a float16 upload rounds them), so they are not judged but replaced. An
+    array the update lacks stays missing, for :func:`check_update` to name.
+    """
+    return {**update, **{k: reference[k] for k in _untrained(cfg, reference) if k in update}}
 
 
 def _judged(cfg: Config, reply: Message, ref: dict[str, np.ndarray],
             declared: Declared | None) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """A training reply's update (the whole model: a compacted upload is expanded in the reply too) and why it
-    cannot be aggregated, or None."""
+    """A training reply's update and why it cannot be aggregated, or None. The update is the whole model, its
+    untrained arrays the server's (:func:`_server_owned`), and the reply holds it too: the strategy aggregates it."""
     reason = _records(reply, arrays=True) or check_train_metrics(cfg, reply.content["metrics"], declared)
     if reason is not None:
         return None, reason
     update = _arrays(reply)
-    if compacted_upload(cfg.federation):  # the strategy aggregates whole models at the global dtype
-        update = expand(cfg, ref, update)
+    if cfg.federation.strategy in TREE_STRATEGIES:  # one array, the serialised booster: its length changes
+        return update, check_update(ref, update, shapes=False)
+    if update is not None:
+        update = _server_owned(cfg, ref, expand(cfg, ref, update) if compacted_upload(cfg.federation) else update)
         reply.content[next(iter(reply.content.array_records))] = to_record(update)
-    trees = cfg.federation.strategy in TREE_STRATEGIES
-    return update, check_update(ref, update, shapes=not trees) or (None if trees else _changed(cfg, ref, update))
+    return update, check_update(ref, update)
 
 
 def checked(cfg: Config, sent: list[Message], replies: list[Message], reference: ArrayRecord,

@@ -58,6 +58,13 @@ class RunRecord:
         self._pending: dict[int, dict] = {}
         self._writer = _tensorboard(run_dir) if tensorboard else None
 
+    def left_out(self, queries: dict[str, dict[str, str]]) -> None:
+        """Record the sites left out of each query (a message type, e.g. ``query.stain`` -> {site: why}) under the
+        run's ``left_out``; a run that left no site out has no ``left_out``."""
+        for query, reasons in queries.items():
+            if reasons:
+                self.data.setdefault("left_out", {}).setdefault(query, {}).update(reasons)
+
     def round(self, r: int) -> dict:
         return self._pending.setdefault(r, {"round": r})
 

@@ -25,6 +25,11 @@ from shared.train import image_tensor, train_epochs
 from shared.train import predict as predict_torch
 
 Weights = dict[str, np.ndarray]
+# No honest weight comes near this |value|. The largest are the EHR scaling buffers, means and spreads of raw EHR
+# values (shared.mimic: the plausible lab range ends at 2e4, LDH); trained weights, BatchNorm statistics and FedAdam's
+# moments are far smaller. One rule for the server: no EHR value a site's statistics imply, no value of an update it
+# aggregates and no tensor of a checkpoint it resumes from lies beyond it (5.8e36 in a file is not a weight).
+MAX_WEIGHT = 1e6
 
 
 def _state_dict(weights: Weights) -> dict[str, torch.Tensor]:

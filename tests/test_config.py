@@ -110,6 +110,12 @@ def test_path_overrides_stay_strings():
     assert apply_overrides(Config(), {"server.eval_data": "null"}).server.eval_data is None
 
 
+def test_the_update_bound_defaults_to_10_and_null_turns_it_off():
+    assert Config().federation.max_relative_update == 10.0
+    assert load(ROOT / "configs/quickstart.yaml").federation.max_relative_update == 10.0
+    assert apply_overrides(Config(), {"federation.max_relative_update": "null"}).federation.max_relative_update is None
+
+
 @pytest.mark.parametrize("yaml_text,message", [
     ("data:\n  classes: []\n", r"data\.classes: expected at least 2 classes, each named once, got \[\]"),
     ("data:\n  classes: [mitosis, tumor, mitosis]\n", r"data\.classes: expected at least 2 classes, each named once"),
@@ -128,6 +134,9 @@ def test_path_overrides_stay_strings():
     ("federation:\n  round_timeout: .inf\n", r"federation\.round_timeout: expected positive, at most 604800"),
     ("federation:\n  krum_malicious: 3\n", r"federation\.krum_malicious: expected between 0 and data\.sites - 1 \(2\)"),
     ("federation:\n  max_update_ratio: .inf\n", r"federation\.max_update_ratio: expected above 1 and finite"),
+    ("federation:\n  max_relative_update: 0\n", r"federation\.max_relative_update: expected positive and finite, or "
+                                                r"null, got 0\.0"),
+    ("federation:\n  max_relative_update: .inf\n", r"federation\.max_relative_update: expected positive and finite"),
     ("privacy:\n  noise_multiplier: .inf\n", r"privacy\.noise_multiplier: expected in \[0, 1000\]"),
     ("privacy:\n  clip_norm: .inf\n", r"privacy\.clip_norm: expected positive and finite"),
     ("privacy:\n  secagg_quantization_range: 4294967296\n", r"privacy\.secagg_quantization_range: expected between 2"),

@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app as client_app
 from client.wire import from_record, to_record
 from server.app import app as server_app
-from server.loop import MAX_GROWTH, MAX_RELATIVE_UPDATE, Declared, checked, checked_evaluation
+from server.loop import MAX_GROWTH, Declared, check_evaluation, check_train_metrics, checked, checked_evaluation
 from server.record import RunRecord
 from server.strategy import build_strategy, site_error
 from shared import learner
@@ -87,7 +87,7 @@ def assert_honest_model(result: list[Message], good: list[Message]) -> None:
         np.testing.assert_array_equal(model[k], expected[k])
         assert np.isfinite(model[k]).all()
     distance = math.sqrt(sum(float(np.sum((model[k] - GLOBAL[k]) ** 2)) for k in GLOBAL))
-    assert distance <= MAX_RELATIVE_UPDATE * 3.0
+    assert distance <= load(CONFIG).federation.max_relative_update * 3.0
 
 
 def refused(result: list[Message]) -> dict[str, str]:
@@ -105,7 +105,7 @@ def test_overflowing_huge_and_far_arrays_are_refused_and_the_model_is_the_honest
     assert set(reasons) == {"site-c", "site-d", "site-e"}
     assert "'w' holds NaN or Inf (as float32" in reasons["site-c"]
     assert f"above {MAX_GROWTH:g} x max(1, the global array's largest value)" in reasons["site-d"]
-    assert "MAX_RELATIVE_UPDATE" in reasons["site-e"]
+    assert "federation.max_relative_update" in reasons["site-e"]
     assert_honest_model(result, good)
 
 
@@ -161,22 +161,61 @@ def test_with_two_sites_an_update_far_from_the_global_model_is_refused():
     attacker = {k: v + 20.0 for k, v in GLOBAL.items()}  # 60 from a model of norm 3, each value within MAX_GROWTH
     result = checked(cfg, list(out.values()), [reply(out[11], honest(1.1)), reply(out[12], attacker)],
                      to_record(GLOBAL), NAMES.get, DECLARED)
-    assert "server/loop.py MAX_RELATIVE_UPDATE" in refused(result)["site-b"]
+    assert "above 10 x the norm of its trained weights" in refused(result)["site-b"]
+    assert "federation.max_relative_update" in refused(result)["site-b"]
     np.testing.assert_array_equal(aggregate(result)["w"], honest(1.1)["w"])
+    # null turns the bound off; a tighter one refuses an update the default lets through.
+    loose = checked(apply_overrides(cfg, {"federation.max_relative_update": None}), list(out.values()),
+                    [reply(out[11], honest(1.1)), reply(out[12], attacker)], to_record(GLOBAL), NAMES.get, DECLARED)
+    assert refused(loose) == {}
+    tight = checked(apply_overrides(cfg, {"federation.max_relative_update": 0.05}), list(out.values()),
+                    [reply(out[11], honest(1.1)), reply(out[12], attacker)], to_record(GLOBAL), NAMES.get, DECLARED)
+    assert "above 0.05 x the norm" in refused(tight)["site-a"]  # 0.3 from a model of norm 3
 
 
-def test_a_site_that_moves_the_ehr_scaling_is_refused():
-    # The scaling is the server's (pooled from the sites' statistics); training never changes it.
-    cfg = apply_overrides(load(CONFIG), {"model.name": "mlp"})
+def test_an_update_beyond_the_largest_honest_weight_is_refused():
+    # A global array of 5000 lets values grow to 5e6 (MAX_GROWTH); resume refuses a checkpoint beyond MAX_WEIGHT,
+    # so the server never aggregates one.
+    cfg = load(CONFIG)
+    big = {"w": np.full((2, 3), 5000.0, np.float32), "b": np.ones(3, np.float32)}
+    out = {n: sent(n) for n in (11, 12)}
+    beyond = {**big, "w": np.full((2, 3), 2 * learner.MAX_WEIGHT, np.float32)}
+    result = checked(apply_overrides(cfg, {"federation.max_relative_update": None}), list(out.values()),
+                     [reply(out[11], big), reply(out[12], beyond)], to_record(big), NAMES.get, DECLARED)
+    assert refused(result) == {"site-b": "rejected update: array 'w' reaches 2e+06, above 1e+06 "
+                                         "(shared.learner.MAX_WEIGHT)"}
+
+
+@pytest.mark.parametrize("upload_dtype", ["float32", "float16"])
+def test_the_ehr_scaling_is_the_servers_whatever_a_site_sends(upload_dtype):
+    # The scaling is the server's (pooled from the sites' statistics); training never changes it. A site's copy is
+    # replaced by the one the server sent, not judged: under FedAdam the global is float64, which float32 (or a
+    # float16 upload) cannot send back bit for bit.
+    cfg = apply_overrides(load(CONFIG), {"model.name": "mlp", "federation.upload_dtype": upload_dtype})
     glob, _ = learner.initial_weights(cfg, np.full(27, 50.0, np.float32), np.full(27, 10.0, np.float32))
+    glob = {k: v.astype(np.float64) + (1e-9 if k == "ehr.mean" else 0.0) for k, v in glob.items()}  # FedAdam's
     trained = learner.trained_names(cfg)
-    update = {k: v + np.float32(0.01) if k in trained else v for k, v in glob.items()}
+    update = {k: (v + 0.01 if k in trained else v).astype(upload_dtype) for k, v in glob.items()}
     out = {n: sent(n) for n in (11, 12)}
     replies = [reply(out[11], update), reply(out[12], {**update, "ehr.mean": glob["ehr.mean"] * 100})]
     result = checked(cfg, list(out.values()), replies, to_record(glob), NAMES.get, DECLARED)
-    assert refused(result) == {"site-b": "rejected update: array 'ehr.mean' is not trained, yet differs from the "
-                                         "global model's"}
-    np.testing.assert_array_equal(aggregate(result)["ehr.mean"], glob["ehr.mean"])
+    assert refused(result) == {}
+    model = aggregate(result)
+    np.testing.assert_array_equal(model["ehr.mean"], glob["ehr.mean"])
+    np.testing.assert_array_equal(model["ehr.std"], glob["ehr.std"])
+    assert not np.array_equal(model[sorted(trained)[0]], glob[sorted(trained)[0]])  # the trained arrays moved
+
+
+def test_counts_of_a_site_that_declared_nothing_are_refused_in_training_and_evaluation_alike():
+    cfg = load(CONFIG)
+    train = {"train_loss": 0.5, "num-examples": 10, "site-index": 0, "epsilon": math.nan,
+             "epsilon-patient": math.nan, "delta-patient": math.nan}
+    classes = classes_of(cfg)
+    evaluated = evaluation(sent(11, "evaluate"), classes).content["metrics"]
+    why = "the site reported no statistics before training (query.ehr_stats)"
+    assert why in check_train_metrics(cfg, MetricRecord(train), None)
+    assert why in check_evaluation(cfg, evaluated, None)
+    assert check_evaluation(cfg, evaluated, Declared(examples=100)) is None  # a test size not declared: no limit
 
 
 def evaluation(to: Message, classes: tuple[str, ...], **changes) -> Message:
@@ -290,9 +329,14 @@ def test_bad_statistics_and_names_leave_their_sites_out_and_the_scaling_honest(q
                5: ("query.ehr_stats", lambda msg, r: statistics(msg, r, name="../../etc/x"))}
     metrics, model, seen = federate(quick_data, tmp_path, 6, attacks, **{"federation.min_sites": 2})
     assert metrics["sites"] == ["iid-0", "iid-1"] and len(metrics["rounds"]) == 1
+    left_out = metrics["left_out"]["query.ehr_stats"]
+    assert list(left_out) == ["iid-2", "iid-3", "node 1004", "node 1005"] and list(metrics["left_out"]) == [
+        "query.ehr_stats"]
+    assert left_out["iid-3"] == "stats 'sum' holds NaN or Inf: expected 27 finite numbers"
+    assert "is node 1000's already" in left_out["node 1004"] and "'../../etc/x'" in left_out["node 1005"]
     out = capsys.readouterr().out
     assert "site iid-2 left out of the run: stats 'count': expected a list of 27 numbers" in out
-    assert "site iid-3 left out of the run: stats 'sum' holds NaN or Inf" in out
+    assert "site iid-3 left out of the run: stats 'sum' holds NaN or Inf: expected 27 finite numbers" in out
     assert "site node 1004 left out of the run: site name 'iid-0' is node 1000's already" in out
     assert "site name (ConfigRecord 'site', key 'name'" in out and "got '../../etc/x'" in out
     honest = [{k: np.asarray(v, np.float64) for k, v in seen[site, "query.ehr_stats"].content["stats"].items()}
@@ -300,3 +344,27 @@ def test_bad_statistics_and_names_leave_their_sites_out_and_the_scaling_honest(q
     mean, std = pooled_moments(honest)
     np.testing.assert_array_equal(model["ehr.mean"].numpy(), mean)
     np.testing.assert_array_equal(model["ehr.std"].numpy(), std)
+
+
+def stained(msg: Message, reply: Message, **stats) -> Message:
+    """``reply`` to ``query.stain`` with ``stats`` changed."""
+    return Message(RecordDict({"stain": MetricRecord({**dict(reply.content["stain"]), **stats})}), reply_to=msg)
+
+
+@pytest.mark.parametrize("stats, expected", [
+    ({"mean": [1e300] + [0.0] * 5}, "stain 'mean': expected 6 numbers (reinhard statistics), each from "
+                                    "[0, -128, -128, 0, 0, 0] to [100, 127, 127, 50, 127.5, 127.5] in turn"),
+    ({"mean": [50.0, 0.0, 0.0, 60.0, 10.0, 10.0]}, "to [100, 127, 127, 50, 127.5, 127.5]"),  # L's spread above 50
+    ({"images": 10**12}, "stain 'images' 1000000000000: expected a whole number from 1 to 1000000"),
+])
+def test_stain_statistics_beyond_the_colour_space_leave_their_site_out_of_the_reference(quick_data, tmp_path, stats,
+                                                                                        expected):
+    attacks = {1: ("query.stain", lambda msg, r: stained(msg, r, **stats))}
+    metrics, _, seen = federate(quick_data, tmp_path, 2, attacks, **{
+        "data.partition": "natural", "federation.min_sites": 1, "data.stain_norm": "reinhard",
+        "data.stain_reference": "federated"})
+    assert list(metrics["left_out"]) == ["query.stain"]
+    assert list(metrics["left_out"]["query.stain"]) == ["site-1"]
+    assert expected in metrics["left_out"]["query.stain"]["site-1"]
+    assert metrics["stain"]["images_per_site"] == {"site-0": seen[0, "query.stain"].content["stain"]["images"]}
+    np.testing.assert_array_equal(metrics["stain"]["reference"], seen[0, "query.stain"].content["stain"]["mean"])

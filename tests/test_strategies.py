@@ -11,7 +11,7 @@ import torch
 from client.app import app as client_app
 from server.app import app as server_app
 from server.strategy import STRATEGIES
-from shared.config import ModelConfig, TrainConfig, flatten, load
+from shared.config import ModelConfig, TrainConfig, apply_overrides, flatten, load
 from shared.models import build_model
 from shared.train import train_epochs
 from simulations.cli import _absolute
@@ -74,3 +74,22 @@ def test_mlp_is_the_tabular_model_of_the_cohort_task(quick_data, tmp_path):
     metrics = federate(quick_data, tmp_path, "mlp", "fedavg", rounds=3, holdout=True)
     assert metrics["task"] == "ehr" and metrics["final"]["n"] == 66  # holdout subjects, not patches
     assert 0.0 <= metrics["final"]["auc"]["breast_cancer"] <= 1.0
+
+
+@pytest.mark.parametrize("model, strategy", [("mlp", "fedadam"), ("fusion", "fedadam"), ("mlp", "fedyogi")])
+def test_adaptive_strategies_keep_every_site_with_unequal_sites(model, strategy, quick_data, tmp_path):
+    # Sites of unequal size weigh the untrained EHR scaling unequally: its FedAvg step moves it by a float32 ulp,
+    # which FedAdam turns into a float64 global no float32 site can send back (FedYogi's global stays float32).
+    # The server owns those arrays: it must not refuse every site from round 2.
+    cfg = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
+        "data.root": str(quick_data), "data.sites": 2, "data.partition": "quantity", "data.alpha": 1.0,
+        "data.patch_size": 32, "model.name": model, "train.steps": 2, "federation.rounds": 3,
+        "federation.strategy": strategy, "server.eval_data": None, "report.shap_rows": 0})
+    run_dir = tmp_path / "run"
+    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg)},
+               num_nodes=2)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    sizes = [site["n"] for site in metrics["rounds"][0]["sites"].values()]
+    assert len(set(sizes)) == 2  # the sites differ in size, as the bug needs
+    assert "stopped" not in metrics and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert all("failed" not in r and len(r["sites"]) == 2 for r in metrics["rounds"])
