@@ -48,7 +48,8 @@ from shared.config import TREE_STRATEGIES, Config, classes_of, compacted_upload
 from shared.learner import MAX_WEIGHT, bn_names, trained_names
 from shared.serde import flatten_metrics
 
-TIMEOUT = 101  # error codes of the replies the server makes up for a site (100: a site's budget_exhausted)
+# Error codes of the replies the server makes up for a site (a site's own: 100 budget_exhausted, 103 local_dp_required)
+TIMEOUT = 101
 REJECTED = 102
 # No value of an update beyond this many times max(1, the largest |value| of the global array): it holds the arrays
 # the norm bound does not see (BatchNorm statistics) and keeps every sum of the aggregation far from overflow. The

@@ -240,6 +240,7 @@ SANE = {
     "federation.tau": finite(0, lo_open=True), "federation.trim_beta": lambda v, c: 0 <= v < 0.5,
     "federation.krum_malicious": lambda v, c: 0 <= v < c.data.sites,
     "federation.round_timeout": finite(0, lo_open=True), "federation.max_update_ratio": optional(finite(1, True)),
+    "federation.max_relative_update": optional(finite(0, lo_open=True)),
     "server.eval_data": optional(a_path),
     "privacy.epsilon": optional(lambda v, c: v > 0), "privacy.delta": lambda v, c: 0 < v < 1,
     "privacy.noise_multiplier": optional(finite(0)), "privacy.clip_norm": finite(0, lo_open=True),

@@ -49,13 +49,23 @@ def test_strategy_runs_two_rounds(strategy, quick_data, tmp_path):
     assert 0.0 <= metrics["final"]["macro_auc"] <= 1.0
 
 
+def above_chance(metrics: dict) -> float:
+    """The AUC a model must beat to be better than chance on this holdout: 0.5 plus two standard errors of an
+    AUC of 0.5 (Hanley and McNeil, 1982) for its numbers of positives and negatives (66 patients here)."""
+    (tn, fp), (fn, tp) = metrics["final"]["confusion"]
+    pos, neg = fn + tp, tn + fp
+    q1, q2 = 0.5 / 1.5, 2 * 0.25 / 1.5
+    se = np.sqrt((0.25 + (pos - 1) * (q1 - 0.25) + (neg - 1) * (q2 - 0.25)) / (pos * neg))
+    return 0.5 + 2 * float(se)
+
+
 def test_federated_xgboost_bagging_on_the_cohort_task(quick_data, tmp_path):
     metrics = federate(quick_data, tmp_path, "xgboost", "xgb_bagging", rounds=5, holdout=True)
     assert metrics["task"] == "ehr" and metrics["classes"] == ["no_breast_cancer", "breast_cancer"]
     final = metrics["final"]
     print(f"federated XGBoost (bagging, 2 sites, 5 rounds): holdout cohort AUC {final['auc']['breast_cancer']:.3f}, "
           f"accuracy {final['accuracy']:.3f}, F1 {final['f1']:.3f} (n={final['n']})")
-    assert final["source"] == "central" and final["auc"]["breast_cancer"] > 0.7
+    assert final["source"] == "central" and final["auc"]["breast_cancer"] > above_chance(metrics)
     assert (tmp_path / "run" / "model.json").is_file()
 
 
@@ -73,7 +83,7 @@ def test_proximal_term_keeps_a_site_near_the_global_model():
 def test_mlp_is_the_tabular_model_of_the_cohort_task(quick_data, tmp_path):
     metrics = federate(quick_data, tmp_path, "mlp", "fedavg", rounds=3, holdout=True)
     assert metrics["task"] == "ehr" and metrics["final"]["n"] == 66  # holdout subjects, not patches
-    assert 0.0 <= metrics["final"]["auc"]["breast_cancer"] <= 1.0
+    assert metrics["final"]["auc"]["breast_cancer"] > above_chance(metrics)
 
 
 @pytest.mark.parametrize("model, strategy", [("mlp", "fedadam"), ("fusion", "fedadam"), ("mlp", "fedyogi")])
