@@ -54,17 +54,18 @@ def cached_arrays(
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     arrays = build()
-    _atomic(path, "wb", lambda f: np.savez(f, **arrays))
+    write_atomic(path, "wb", lambda f: np.savez(f, **arrays))
     return arrays
 
 
 def write_json(path: Path, obj: dict) -> None:
     """Write JSON atomically: a crash never leaves half a file."""
-    _atomic(Path(path), "w", lambda f: json.dump(obj, f, indent=1, allow_nan=True))
+    write_atomic(Path(path), "w", lambda f: json.dump(obj, f, indent=1, allow_nan=True))
 
 
-def _atomic(path: Path, mode: str, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``."""
+def write_atomic(path: Path, mode: str, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``: no reader sees half a
+    file, and a symbolic link planted at ``path`` is replaced, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:

@@ -715,5 +715,8 @@ def from_run_config(run_config: dict[str, Any], app_root: Path) -> Config:
 
 
 def dump(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML (what a run folder keeps)."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (what a run folder keeps), whole and never through a planted link."""
+    from shared.cache import write_atomic  # here: shared.cache imports numpy, which loading a config needs not
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    write_atomic(Path(path), "w", lambda f: f.write(text))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shared import privacy, xgb
+from shared.cache import write_atomic
 from shared.config import Config, ModelConfig, classes_of
 from shared.data import Samples
 from shared.metrics import log_loss
@@ -137,10 +138,10 @@ def save(cfg: Config, weights: Weights, run_dir: Path) -> Path:
     """Write the final model: ``model.json`` (XGBoost) or ``model.pt`` (a torch state dict)."""
     if cfg.model.name == "xgboost":
         path = run_dir / "model.json"
-        path.write_bytes(array_to_booster(weights["0"]))
+        write_atomic(path, "wb", lambda f: f.write(array_to_booster(weights["0"])))
     else:
         path = run_dir / "model.pt"
-        torch.save(_state_dict(weights), path)
+        write_atomic(path, "wb", lambda f: torch.save(_state_dict(weights), f))
     return path
 
 

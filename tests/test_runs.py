@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import simulations.flower
@@ -457,3 +458,24 @@ def test_a_run_name_never_leaves_runs(quick_data, tmp_path, monkeypatch, capsys)
     assert main(["simulate", CONFIG, *ehr_run(quick_data), "--set", "name=../../escaped"]) == 2
     assert "name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "escaped").exists()
+
+
+@pytest.mark.parametrize("model", ["mlp", "xgboost"])
+def test_the_model_and_config_files_are_never_written_through_a_planted_link(tmp_path, model):
+    from shared import learner
+    from shared.config import Config, ModelConfig, dump
+
+    cfg = Config(model=ModelConfig(name=model))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's file")
+    run = tmp_path / "run"
+    run.mkdir()
+    name = "model.json" if model == "xgboost" else "model.pt"
+    for planted in ("config.yaml", name):
+        (run / planted).symlink_to(outside)
+    features = len(learner.FEATURES)
+    weights = learner.initial_weights(cfg, np.zeros(features, np.float32), np.ones(features, np.float32))[0]
+    dump(cfg, run / "config.yaml")
+    learner.save(cfg, weights, run)
+    assert outside.read_text() == "the user's file"
+    assert not (run / "config.yaml").is_symlink() and not (run / name).is_symlink()
