@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from client.app import app as client_app
+from server.app import app as server_app
 from shared.brecahad import POINT_KEYS, read_image, read_points
-from shared.config import BRECAHAD_KEYS, Config, ConfigError, apply_overrides, flat_keys, from_dict, load, to_dict
+from shared.config import BRECAHAD_KEYS, Config, ConfigError, apply_overrides, flat_keys, flatten, from_dict, load, to_dict
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, REQUIRED, build_cohort
+from simulations.inprocess import run_server
 from tests.test_mimic import make_mimic
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -316,3 +320,75 @@ def test_a_config_value_is_refused_by_its_key_or_accepted_and_sane(case):
         return
     accepted = functools.reduce(getattr, key.split("."), cfg)
     assert SANE[key](accepted, cfg), f"{key}: accepted {accepted!r}"
+
+
+# Settings that change what a run does, each with values across its accepted range (edges included) and a few
+# beyond it. The upper edge of train.steps (a million) would only cost time: the test above checks that bound.
+NEURAL = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+RUN_VALUES = {
+    "train.lr": st.sampled_from([5e-324, 1e-3, 0.1, 10.0, 10.5, 0.0, -1e-3, math.nan, math.inf]),
+    "train.batch_size": st.sampled_from([1, 2, 65536, 65537, 0, -1, 2**31]),
+    "train.local_epochs": st.sampled_from([0, 1, 1000, 1001, -1]),  # with train.steps 2 the steps decide
+    "train.steps": st.sampled_from([0, 1, 3, 1_000_001, -1]),  # 0: one local epoch
+    "model.hidden": st.sampled_from([1, 2, 64, 4096, 4097, 0, -3]),
+    "model.ehr_latent": st.sampled_from([1, 2, 32, 4096, 4097, 0, -3]),
+    "model.dropout": st.sampled_from([0.0, 0.5, 0.999, 1.0, -0.1, math.nan]),
+    "federation.strategy": st.sampled_from(NEURAL + ("bogus", "", "xgb_bagging")),
+    "federation.fraction_train": st.sampled_from([1e-9, 0.5, 1.0, 0.0, 1.5, math.nan]),
+    "seed": st.sampled_from([0, 1, 2**32 - 1, -1, 2**32]),
+}
+run_cases = st.sampled_from(sorted(RUN_VALUES)).flatmap(lambda k: st.tuples(st.just(k), RUN_VALUES[k]))
+
+
+def _finite_numbers(block) -> bool:
+    """Every number in a metrics block (nested lists and mappings too) is finite."""
+    if isinstance(block, dict):
+        return all(_finite_numbers(v) for v in block.values())
+    if isinstance(block, list):
+        return all(_finite_numbers(v) for v in block)
+    return not isinstance(block, float) or math.isfinite(block)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=run_cases)
+@example(case=("train.lr", 10.0))  # the largest accepted: may diverge, then refused on the record
+@example(case=("federation.strategy", "fedadam"))
+@example(case=("train.batch_size", 0))
+@example(case=("model.hidden", 0))
+def test_a_drawn_setting_is_refused_by_its_key_or_runs_a_sane_federation(quick_data, tmp_path_factory, case):
+    """A setting the config accepts runs one round of the EHR MLP at two sites in process, without a warning, to
+    a finite final block or a stop recorded with its reason; one it refuses is a ConfigError naming the key."""
+    key, value = case
+    base = apply_overrides(load(Path(__file__).resolve().parent.parent / "configs/quickstart.yaml"), {
+        "data.root": str(quick_data), "data.sites": 2, "model.name": "mlp", "train.steps": 2,
+        "train.local_epochs": 1, "federation.rounds": 1, "server.eval_data": str(quick_data / "holdout"),
+        "report.shap_rows": 0})
+    try:
+        cfg = apply_overrides(base, {key: value if isinstance(value, str) else yaml.safe_dump(value)})
+    except ConfigError as err:
+        assert key in str(err) and "\n" not in str(err), str(err)
+        return
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    with warnings.catch_warnings(record=True) as caught:  # torch's or numpy's warning: a value gone silently wrong
+        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", RuntimeWarning)
+        run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
+                                            **flatten(cfg)}, num_nodes=2)
+    odd = sorted({f"{w.category.__name__}: {w.message}" for w in caught
+                  if issubclass(w.category, (UserWarning, RuntimeWarning))})
+    assert not odd, f"{key}={value!r}: {odd}"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ran = functools.reduce(getattr, key.split("."), load(run_dir / "config.yaml"))
+    assert ran == value, f"{key}: drawn {value!r}, ran with {ran!r}"  # never silently replaced
+    # A site's error is a crash the value caused (its traceback's last line); only the server's reply checks
+    # may refuse a site, saying why.
+    failed = [why for r in metrics["rounds"] for part in ("failed", "evaluate_failed")
+              for why in r.get(part, {}).values()]
+    assert all(why.startswith("rejected ") for why in failed), failed
+    stopped = metrics.get("stopped")
+    assert stopped is None or (isinstance(stopped, str) and stopped), stopped
+    assert _finite_numbers(metrics["final"]), metrics["final"]
+    if stopped or failed:  # the drawn value diverged and the server refused it: on the record, with why
+        return
+    assert [r["round"] for r in metrics["rounds"]] == [1] and all(len(r["sites"]) == 2 for r in metrics["rounds"])
+    assert metrics["final"]["source"] == "central" and math.isfinite(metrics["final"]["macro_auc"])
