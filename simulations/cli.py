@@ -77,9 +77,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _baseline(args: argparse.Namespace) -> int:
     from shared.config import DataConfig
-    from simulations.baseline import format_result, run_baseline
+    from simulations.baseline import format_results, run_baselines
 
-    print(format_result(run_baseline(Path(args.root), DataConfig(root=args.root), args.seed)))
+    print(format_results(run_baselines(Path(args.root), DataConfig(root=args.root), args.seed)))
     return 0
 
 
@@ -519,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mimic", required=True, help="MIMIC-IV root (holding hosp/)")
     c.add_argument("--out", required=True, help="CSV to write")
     c.set_defaults(func=_cohort)
-    b = dsub.add_parser("baseline", help="colour statistics + logistic regression on a generated federation's "
-                        "patches: the AUC a model must clearly beat")
+    b = dsub.add_parser("baseline", help="colour statistics (and the same plus the centre's "
+                        "texture) + logistic regression on a generated federation's patches: the AUC a model must "
+                        "clearly beat")
     b.add_argument("root", help="folder holding site-<k>/ (and holdout/), e.g. data/quickstart")
     b.add_argument("--seed", type=int, default=0, help="the run's seed: site k splits with seed + k (default 0)")
     b.set_defaults(func=_baseline)
