@@ -12,12 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """Pids whose environment or command line mentions ``text`` (our run folder is in FLWR_HOME)."""
+    """Pids whose environment, command line or working folder mentions ``text`` (our run folder is in FLWR_HOME;
+    Ray's agents rewrite their environment and title, but keep the run folder as their working folder)."""
     found = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and int(p.name) != os.getpid():
             try:
-                if text.encode() in (p / "environ").read_bytes() or text.encode() in (p / "cmdline").read_bytes():
+                if (text.encode() in (p / "environ").read_bytes() or text.encode() in (p / "cmdline").read_bytes()
+                        or text in os.readlink(p / "cwd")):
                     found.append(int(p.name))
             except OSError:
                 pass
