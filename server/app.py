@@ -114,9 +114,10 @@ def _declared(reply: Message) -> Declared:
     examples, test = as_count(site.get("examples")), site.get("test-examples")
     if examples is None or examples < 1:
         raise ValueError(f"examples {site.get('examples')!r}: expected a positive integer (the training split's size)")
-    if test is not None and (as_count(test) is None or as_count(test) < 0):
+    tested = as_count(test) if test is not None else None
+    if test is not None and (tested is None or tested < 0):
         raise ValueError(f"test-examples {test!r}: expected a whole number (the test split's size)")
-    return Declared(examples, as_count(test) if test is not None else None)
+    return Declared(examples, tested)
 
 
 def _ask(grid: Grid, messages: list[Message], timeout: float, what: str, parse: Callable[[Message], Any],
