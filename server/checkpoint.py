@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from shared.cache import write_atomic
 from shared.config import Config, fixed_settings, settings_changed
 from shared.config import load as load_config
 from shared.learner import MAX_WEIGHT
@@ -175,10 +174,10 @@ def save(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], strate
     files = {f"checkpoint-{server_round}.safetensors": save_tensors(tensors),
              f"checkpoint-{server_round}.json": json.dumps(state, allow_nan=True).encode()}
     for name, data in files.items():
-        _write_durably(run_dir / name, data)
+        write_atomic(run_dir / name, "wb", lambda f, data=data: f.write(data), durable=True)
     manifest = {"format": FORMAT, "version": VERSION,
                 "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
-    _write_durably(run_dir / FILE, json.dumps(manifest, indent=1).encode())
+    write_atomic(run_dir / FILE, "wb", lambda f: f.write(json.dumps(manifest, indent=1).encode()), durable=True)
     for path in run_dir.iterdir():  # the round before stays for a reader that read the previous manifest
         found = DATA.fullmatch(path.name)
         if found and int(found[1]) < server_round - 1:
@@ -237,25 +236,6 @@ def _best_round(record: dict) -> int | None:
     scored = [r for r in record["rounds"] if r.get("central") or r.get("federated")]
     best = max(scored, key=lambda r: (r.get("central") or r["federated"])["macro_auc"], default=None)
     return best["round"] if best else None
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """``data`` into a temporary file beside ``path``, fsynced, renamed onto ``path``; then the folder fsynced."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
 
 
 def _verified(manifest: Path) -> tuple[tuple[Path, bytes], tuple[Path, bytes]]:

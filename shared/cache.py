@@ -63,15 +63,25 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(Path(path), "w", lambda f: json.dump(obj, f, indent=1, allow_nan=True))
 
 
-def write_atomic(path: Path, mode: str, write: Callable) -> None:
+def write_atomic(path: Path, mode: str, write: Callable, durable: bool = False) -> None:
     """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``: no reader sees half a
-    file, and a symbolic link planted at ``path`` is replaced, never written through."""
+    file, and a symbolic link planted at ``path`` is replaced, never written through. ``durable``: the file is
+    fsynced before the rename and the folder after it, so the file and its rename survive a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import pickle
 import random
 import re
@@ -272,14 +273,14 @@ def test_a_crash_before_the_manifest_leaves_the_previous_checkpoint_whole(tmp_pa
     run_dir, cfg = save_one(tmp_path, rounds=4)
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [
         "checkpoint-3.json", "checkpoint-3.safetensors", "checkpoint-4.json", "checkpoint-4.safetensors"]
-    replace = checkpoint.os.replace
+    replace = os.replace
 
     def crash_on_the_manifest(src, dst):
         if Path(dst).name == checkpoint.FILE:
             raise KeyboardInterrupt  # the process dies here
         replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash_on_the_manifest)
+    monkeypatch.setattr(os, "replace", crash_on_the_manifest)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(run_dir, 5, {"w": np.full((2, 3), 9, np.float32)}, strategy_for(cfg, run_dir), record(5))
     monkeypatch.undo()
