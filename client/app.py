@@ -225,7 +225,8 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
     dp, ledger = _private_plan(site, context, server_round)
     eps = math.nan
     weights = _with_local_bn(site, context, weights)
-    weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp)
+    weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp,
+                                         (server_round - 1, max(server_round, site.cfg.federation.rounds)))
     if site.cfg.federation.fedbn:  # kept for this site's next round and evaluations; never sent (client/wire.py)
         context.state[FEDBN_STATE] = to_record({k: weights[k] for k in learner.bn_names(site.cfg)})
     if ledger is not None:

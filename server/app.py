@@ -340,9 +340,11 @@ def _announce(cfg: Config, names: dict[int, str], holdout: Samples | None, pretr
     if resumed:
         print(f"[fedfuse] resuming after round {resumed['round']} (checkpoint {run_dir / checkpoint.FILE})", flush=True)
     if pretrained and not resumed:
-        print(f"[fedfuse] pretrained weights {pretrained['path']}: {len(pretrained['loaded'])} tensors loaded, "
-              f"{len(pretrained['not_loaded'])} not ({', '.join(list(pretrained['not_loaded'])[:4])}, ...)",
-              flush=True)
+        made = pretrained["provenance"]
+        origin = f"made by {made.get('made_by', '?')}, {made.get('method', '?')}" if made else "no provenance file"
+        print(f"[fedfuse] pretrained weights {pretrained['path']} (sha256 {pretrained['sha256'][:16]}..., {origin}): "
+              f"{len(pretrained['loaded'])} tensors loaded, {len(pretrained['missing'])} of the model's kept their "
+              f"initialisation ({', '.join(pretrained['missing'][:4]) or 'none'})", flush=True)
     print(f"[fedfuse] {len(names)} sites: {', '.join(sorted(names.values()))}; model {cfg.model.name} "
           f"({task_of(cfg)} task), pairing {cfg.data.pairing}; central test set: "
           f"{f'{len(holdout)} samples' if holdout is not None else 'none (final = federated mean)'}", flush=True)

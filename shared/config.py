@@ -48,7 +48,8 @@ class DataConfig:
     classes: tuple[str, ...] = IMAGE_CLASSES  # BreCaHAD keys kept as patch classes, in label order
     pairing: str = "linked"  # linked: linkage.csv joins case and subject; by_label: pair by class
     label_map: dict[str, int] = field(default_factory=lambda: {"mitosis": 1, "tumor": 1, "non_tumor": 0})
-    test_fraction: float = 0.3  # share of each site's cases held out for its test split
+    test_fraction: float = 0.3  # share of each site's cases (data.split: patch: patches) held out for its test split
+    split: str = "case"  # case: whole patients on one side | patch: single patches (the study's protocol; leaks)
     stain_norm: str = "none"  # none | reinhard | macenko: tiles mapped onto a reference stain before patches are cut
     stain_reference: str = "shipped"  # shipped | federated | an RGB image (relative: inside data.root)
     cache_dir: str | None = None  # default: <data folder>/.fedfuse-cache
@@ -64,8 +65,8 @@ class ModelConfig:
     resnet_norm: str = "group"  # resnet18: group (GroupNorm, out-of-place blocks; Opacus-ready) | batch
     cnn_norm: str = "group"  # cnn: group (GroupNorm; Opacus-ready) | batch (BatchNorm statistics, what FedBN keeps local)
     small_stem: bool = False  # resnet18: drop the stem's max-pool (finer maps on 64 px patches, 3x slower)
-    pretrained: str | None = None  # resnet18: local state-dict file, e.g. torchvision's ImageNet weights
-    freeze: bool = False  # resnet18: train only its projection (and the heads)
+    pretrained: str | None = None  # image encoder: local weights file (`fedfuse pretrain`, torchvision's ImageNet)
+    freeze: bool = False  # image encoder: train only its projection (and the heads)
     image_latent: int = 64
     ehr_latent: int = 32
     hidden: int = 64
@@ -84,6 +85,9 @@ class TrainConfig:
     steps: int = 0  # optimiser steps per local update (a fixed budget); 0: local_epochs passes instead
     batch_size: int = 32
     lr: float = 0.001
+    encoder_lr: float | None = None  # the image encoder's learning rate (fine-tuning pretrained weights); null: lr
+    schedule: str = "constant"  # learning rate over the whole run (every round's steps): constant | cosine (decay)
+    warmup: float = 0.0  # share of the run's steps over which the learning rate rises linearly from 0
     weight_decay: float = 0.0001
     class_weights: str = "sqrt"  # sqrt (of inverse frequency) | balanced (inverse frequency) | none
     threads: int = 1  # torch threads per site process
@@ -211,6 +215,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.stain_norm": ("none", "reinhard", "macenko"),
     "data.partition": ("natural", "iid", "dirichlet", "quantity"),
     "data.pairing": ("linked", "by_label"),
+    "data.split": ("case", "patch"),
+    "train.schedule": ("constant", "cosine"),
     "data.positive[]": ("invasive", "in_situ", "history", "family_history", "er_status"),
     "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp", "xgboost"),
     "model.image_encoder": ("cnn", "resnet18"),
@@ -374,6 +380,8 @@ def _ranges(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.local_epochs", t.local_epochs >= 1 or t.steps >= 1, "at least 1 (or train.steps at least 1)"),
         ("train.steps", 0 <= t.steps <= 1_000_000, "between 0 and 1000000"),
         ("train.lr", 0 < t.lr <= 10, "positive, at most 10"),
+        ("train.encoder_lr", t.encoder_lr is None or 0 < t.encoder_lr <= 10, "null or positive, at most 10"),
+        ("train.warmup", 0 <= t.warmup < 1, "at least 0, below 1"),
         ("train.weight_decay", 0 <= t.weight_decay <= 1, "in [0, 1]"),
         ("train.threads", 1 <= t.threads <= 1024, "between 1 and 1024"),
         ("train.hed_jitter", 0 <= t.hed_jitter < 1, "in [0, 1)"),
@@ -435,9 +443,9 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"data.classes: {unknown} are not BreCaHAD keys; expected some of {', '.join(BRECAHAD_KEYS)}")
     if d.pairing == "by_label" and set(d.classes) - set(d.label_map):
         raise ConfigError(f"data.label_map: no EHR label for {sorted(set(d.classes) - set(d.label_map))}")
-    if (m.pretrained or m.freeze) and not uses_resnet(m):
-        raise ConfigError("model.pretrained / model.freeze: only for a ResNet-18 encoder (model.name resnet18, or "
-                          "model.image_encoder resnet18 with fusion or late_fusion)")
+    if (m.pretrained or m.freeze) and image_encoder_of(m) is None:
+        raise ConfigError("model.pretrained / model.freeze: only for a model with an image encoder (model.name cnn, "
+                          "resnet18, fusion or late_fusion)")
     _check_privacy(cfg)
     for kind in ("crash", "hang", "nan"):
         for i, entry in enumerate(getattr(cfg.faults, kind)):

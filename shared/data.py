@@ -169,10 +169,28 @@ def split_by_case(samples: Samples, test_fraction: float, seed: int) -> tuple[Sa
     return samples.subset(~is_test), samples.subset(is_test)
 
 
+def split_by_patch(samples: Samples, test_fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """Seeded train/test split of single samples: a case's patches land on both sides (the study's protocol, as
+    far as it can be read; ``data.split: patch``). Neighbouring patches of one tile overlap, so the test split
+    holds pixels the model trained on: what such a split measures is recall, not generalisation."""
+    if len(samples) < 2:
+        raise DataFormatError(f"only {len(samples)} sample(s) here; a train/test split needs at least 2")
+    rng = np.random.default_rng(seed)
+    n_test = min(len(samples) - 1, max(1, round(test_fraction * len(samples))))
+    is_test = np.zeros(len(samples), dtype=bool)
+    is_test[rng.permutation(len(samples))[:n_test]] = True
+    return samples.subset(~is_test), samples.subset(is_test)
+
+
+def split(samples: Samples, cfg: DataConfig, seed: int) -> tuple[Samples, Samples]:
+    """(train, test) by ``cfg.split``: whole cases (the default, and fedfuse's protocol) or single patches."""
+    return (split_by_patch if cfg.split == "patch" else split_by_case)(samples, cfg.test_fraction, seed)
+
+
 def load_site(folder: Path, cfg: DataConfig, seed: int, task: str = "patch",
               stain_reference: list[float] | None = None) -> tuple[Samples, Samples]:
     """A site's (train, test) samples."""
-    return split_by_case(load_folder(folder, cfg, seed, task, stain_reference), cfg.test_fraction, seed)
+    return split(load_folder(folder, cfg, seed, task, stain_reference), cfg, seed)
 
 
 def load_pooled(root: Path, cfg: DataConfig, seed: int, task: str = "patch",

@@ -103,10 +103,11 @@ def adapt_bn(cfg: Config, weights: Weights, data: Samples, batch_size: int = 256
 
 
 def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proximal_mu: float = 0.0,
-                 dp: privacy.Plan | None = None) -> tuple[Weights, float]:
+                 dp: privacy.Plan | None = None, progress: tuple[int, int] = (0, 1)) -> tuple[Weights, float]:
     """A site's training on ``data`` from the global ``weights``; returns its update and training loss.
 
-    With ``dp``, the torch models train with DP-SGD (``shared.privacy``) instead.
+    With ``dp``, the torch models train with DP-SGD (``shared.privacy``) instead. ``progress``: (rounds done,
+    rounds in all), for the learning-rate schedule (``shared.train.lr_factor``).
     """
     if cfg.model.name == "xgboost":
         raw, loss = xgb.boost(array_to_booster(weights["0"]), data.ehr, data.labels, cfg.model, seed,
@@ -116,7 +117,7 @@ def local_update(cfg: Config, weights: Weights, data: Samples, seed: int, proxim
     if dp is not None:
         loss = privacy.train_dp(model, data, cfg, len(classes_of(cfg)), seed, dp)
     else:
-        loss = train_epochs(model, data, cfg.train, len(classes_of(cfg)), seed, proximal_mu=proximal_mu)
+        loss = train_epochs(model, data, cfg.train, len(classes_of(cfg)), seed, proximal_mu, progress)
     return _to_weights(model), loss
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shared import pretrain
 from shared.config import ModelConfig
-from shared.resnet import ResNetEncoder, load_pretrained
+from shared.resnet import ResNetEncoder
 
 
 class CNNEncoder(nn.Module):
@@ -57,6 +58,14 @@ class CNNEncoder(nn.Module):
         # images: (B, 3, P, P) in [0, 1] -> (B, C, 4, 4) -> (B, 16 C) -> (B, latent)
         x = self.features(images - 0.5)
         return self.project(x.flatten(1))
+
+    def backbone_parameters(self):
+        """The convolutions: what ``model.freeze`` keeps fixed (the projection trains)."""
+        return self.features.parameters()
+
+    def weights_module(self) -> nn.Module:
+        """What a weights file holds: the whole encoder."""
+        return self
 
 
 def memory_format(model: nn.Module) -> torch.memory_format:
@@ -91,8 +100,9 @@ class MLPEncoder(nn.Module):
 def image_encoder(cfg: ModelConfig, name: str) -> nn.Module:
     """The image encoder ``name`` (``cnn`` or ``resnet18``), frozen but for its projection if ``cfg.freeze``."""
     if name == "cnn":
-        return CNNEncoder(cfg.image_latent, norm=cfg.cnn_norm)
-    encoder = ResNetEncoder(cfg.image_latent, cfg.resnet_norm, cfg.small_stem)
+        encoder = CNNEncoder(cfg.image_latent, norm=cfg.cnn_norm)
+    else:
+        encoder = ResNetEncoder(cfg.image_latent, cfg.resnet_norm, cfg.small_stem)
     if cfg.freeze:
         for p in encoder.backbone_parameters():
             p.requires_grad_(False)
@@ -175,11 +185,17 @@ def ehr_encoders(model: nn.Module) -> list[MLPEncoder]:
     return [m for m in model.modules() if isinstance(m, MLPEncoder)]
 
 
+def image_encoders(model: nn.Module) -> list[nn.Module]:
+    """The model's image encoders (CNN or ResNet-18): what pretrained weights load into."""
+    return [m for m in model.modules() if isinstance(m, (CNNEncoder, ResNetEncoder))]
+
+
 def load_pretrained_weights(model: nn.Module, path: str) -> dict:
-    """Load a local ResNet-18 state dict into every ResNet encoder of ``model``; the report of the first."""
-    encoders = [m for m in model.modules() if isinstance(m, ResNetEncoder)]
+    """Load a local weights file into every image encoder of ``model``; the report of the first
+    (``shared.pretrain.load_into``: what loaded, what did not and why, the file's hash and provenance)."""
+    encoders = image_encoders(model)
     if not encoders:
-        raise ValueError("model.pretrained is set, but the model has no resnet18 encoder "
-                         "(model.name resnet18, or model.image_encoder resnet18 with fusion / late_fusion)")
-    reports = [load_pretrained(e, path) for e in encoders]
+        raise ValueError("model.pretrained is set, but the model has no image encoder (model.name cnn, resnet18, "
+                         "fusion or late_fusion)")
+    reports = [pretrain.load_into(e.weights_module(), path) for e in encoders]
     return reports[0]

@@ -54,7 +54,7 @@ from torch import nn
 from shared.cache import write_json
 from shared.config import Config, PrivacyConfig, TrainConfig
 from shared.data import Samples
-from shared.train import _batch, class_weights
+from shared.train import _batch, class_weights, param_groups
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one line of Opacus' RDP history
 LEDGER_FOLDER = ".fedfuse-privacy"  # a site's ledgers, in its data folder (deployment) or data.root (simulation)
@@ -351,7 +351,7 @@ def train_dp(model: nn.Module, samples: Samples, cfg: Config, n_classes: int, se
 
     gsm = GradSampleModule(model.to(memory_format=torch.contiguous_format), batch_first=True, loss_reduction="sum")
     params = [q for q in gsm.parameters() if q.requires_grad]
-    opt = DPOptimizer(torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay),
+    opt = DPOptimizer(torch.optim.Adam(param_groups(model, train), lr=train.lr, weight_decay=train.weight_decay),
                       noise_multiplier=p.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                       expected_batch_size=max(1, round(p.expected_units)), loss_reduction="mean",
                       generator=noise)

@@ -1,7 +1,8 @@
 """ResNet-18 for small patches, built from torchvision's own classes (He et al., CVPR 2016).
 
 Two variants share torchvision's state-dict keys, so ImageNet weights that a
-user downloaded load into either:
+user downloaded, or weights ``fedfuse pretrain`` made, load into either
+(``shared.pretrain``):
 
 * ``norm="batch"``: torchvision's ResNet-18 unchanged (BatchNorm, in-place ReLU);
 * ``norm="group"``: GroupNorm as ``norm_layer`` and :class:`OutOfPlaceBasicBlock`,
@@ -9,7 +10,7 @@ user downloaded load into either:
   Opacus can train: BatchNorm mixes samples in a batch (no per-sample
   gradients) and in-place operations modify tensors its hooks hold.
   GroupNorm's ``weight``/``bias`` load from BatchNorm's; its running
-  statistics cannot (:func:`load_pretrained` lists them).
+  statistics cannot (the load report lists them).
 
 For 64 px patches ``small_stem`` drops the stem's max-pool (a module
 without weights), so layer4 sees 4x4 instead of 2x2; the 7x7 stride-2
@@ -19,8 +20,6 @@ default: measured here (2 cores, batch 32, 64 px) a training step takes
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,31 +73,6 @@ class ResNetEncoder(nn.Module):
         """Everything but the projection: what ``model.freeze`` keeps fixed."""
         return (p for name, p in self.net.named_parameters() if not name.startswith("fc."))
 
-
-def load_pretrained(encoder: ResNetEncoder, path: str | Path) -> dict:
-    """Load a torchvision ResNet-18 state dict from a local file; report what did and did not load.
-
-    Returns ``{"path", "loaded": [...], "not_loaded": {key: reason}}``. Keys
-    whose shape differs (``fc``, ImageNet's 1000 classes) or that this variant
-    lacks (BatchNorm running statistics under GroupNorm) are reported, not fatal.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: {path} not found (weights are never downloaded at run time)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a state dict
-        raise ValueError(f"model.pretrained: {path} is not a torch state dict: {err}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    own = encoder.net.state_dict()
-    usable, not_loaded = {}, {}
-    for key, value in state.items():
-        if key not in own:
-            not_loaded[key] = "no such parameter in this variant"
-        elif own[key].shape != value.shape:
-            not_loaded[key] = f"shape {tuple(value.shape)} != {tuple(own[key].shape)}"
-        else:
-            usable[key] = value
-    encoder.net.load_state_dict(usable, strict=False)
-    return {"path": str(path), "loaded": sorted(usable), "not_loaded": not_loaded}
+    def weights_module(self) -> nn.Module:
+        """What a weights file holds: the torchvision network, under torchvision's key names."""
+        return self.net

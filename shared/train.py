@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from shared.config import TrainConfig
 from shared.data import Samples
-from shared.models import memory_format
+from shared.models import image_encoders, memory_format
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
@@ -68,20 +69,45 @@ def _batch(samples: Samples, idx: np.ndarray, augment: TrainConfig | None, gen: 
     return images, torch.from_numpy(samples.ehr[idx]), torch.from_numpy(samples.labels[idx])
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The trainable parameters for the optimiser: the image encoders' at ``cfg.encoder_lr`` (fine-tuning
+    pretrained weights slower than the new heads), the rest at ``cfg.lr``."""
+    encoder = {id(p) for e in image_encoders(model) for p in e.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.encoder_lr is None:
+        return [{"params": trainable, "lr": cfg.lr}]
+    groups = [{"params": [p for p in trainable if id(p) in encoder], "lr": cfg.encoder_lr},
+              {"params": [p for p in trainable if id(p) not in encoder], "lr": cfg.lr}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(cfg: TrainConfig, position: float) -> float:
+    """The learning rate's multiplier at ``position`` in [0, 1) of the run: a linear warm-up over the first
+    ``cfg.warmup``, then constant or a cosine decay to 0 (Loshchilov and Hutter, ICLR 2017)."""
+    if position < cfg.warmup:
+        return (position + 1e-3) / cfg.warmup
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (position - cfg.warmup) / (1 - cfg.warmup)))
+    return 1.0
+
+
 def train_epochs(
-    model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes: int, seed: int, proximal_mu: float = 0.0
+    model: nn.Module, samples: Samples, cfg: TrainConfig, n_classes: int, seed: int, proximal_mu: float = 0.0,
+    progress: tuple[int, int] = (0, 1),
 ) -> float:
     """Adam on ``samples`` for ``cfg.steps`` steps (or ``cfg.local_epochs`` passes); returns the mean loss.
 
     ``proximal_mu > 0`` adds FedProx's term (Li et al., MLSys 2020),
     ``mu / 2 * ||w - w_start||^2``, keeping a site near the global model it
-    received.
+    received. ``progress`` is (rounds done, rounds in all): where this update sits in the run's learning-rate
+    schedule (:func:`lr_factor`), each round's steps one equal share of it.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(samples.labels, n_classes, cfg.class_weights))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
     total, count, steps = 0.0, 0, 0
@@ -92,6 +118,8 @@ def train_epochs(
             for start in range(0, len(order), cfg.batch_size):
                 if steps == budget:
                     break
+                for group, base_lr in zip(opt.param_groups, base_lrs):
+                    group["lr"] = base_lr * lr_factor(cfg, (progress[0] + steps / budget) / progress[1])
                 steps += 1
                 idx = order[start : start + cfg.batch_size]
                 images, ehr, labels = _batch(samples, idx, cfg, gen)

@@ -145,13 +145,36 @@ def _ensure_data(cfg: Config) -> None:
 def _paper(args: argparse.Namespace) -> int:
     from simulations.paper import load_paper, run_paper
 
-    base, paper = load_paper(Path(args.config), args.quick)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    base, paper = load_paper(Path(args.config), args.quick, models)
     base = _absolute(base)
     _ensure_data(base)
     started = time.time()
-    table = run_paper(base, paper, echo=lambda line: print(line, flush=True))
+    if args.protocol:
+        from simulations.protocol import run_protocol
+
+        table = run_protocol(base, paper, echo=lambda line: print(line, flush=True))
+    else:
+        table = run_paper(base, paper, echo=lambda line: print(line, flush=True))
     print(table.read_text())
     print(f"done in {time.time() - started:.0f} s: {table} and {table.with_suffix('.csv')}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from simulations.paper import load_experiment
+    from simulations.pretrain import PretrainConfig, run_pretrain
+
+    base, settings = load_experiment(Path(args.config), args.quick, "pretrain", PretrainConfig)
+    if args.model:
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, name=args.model))
+    changes = {k: v for k, v in (("method", args.method), ("steps", args.steps), ("out", args.out)) if v}
+    settings = dataclasses.replace(settings, **changes)
+    base = _absolute(base)
+    _ensure_data(base)
+    path, provenance = run_pretrain(base, settings, echo=lambda line: print(line, flush=True))
+    print(f"done in {provenance['seconds']:.0f} s: {path} (sha256 {provenance['sha256'][:16]}...) and its "
+          f"provenance {path.with_suffix('.json')}; use it with --set model.pretrained={path}")
     return 0
 
 
@@ -561,8 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="study config (default configs/shift_study.yaml)")
     ss.add_argument("--quick", action="store_true", help="a small version: quick data, one seed, one held-out site")
     ss.set_defaults(func=_shift_study)
+    pt = sub.add_parser("pretrain", help="image-encoder weights (and their provenance) from a public data set that "
+                        "is not the federation's: supervised or SimCLR")
+    pt.add_argument("--config", default="configs/pretrain.yaml", help="pretrain config (default configs/pretrain.yaml)")
+    pt.add_argument("--model", choices=("cnn", "resnet18"), help="the encoder (default: the config's base.model.name)")
+    pt.add_argument("--method", choices=("supervised", "simclr"), help="default: the config's pretrain.method")
+    pt.add_argument("--steps", type=int, help="optimiser steps (default: the config's pretrain.steps)")
+    pt.add_argument("--out", help="weights file; {model} and {method} are filled in (default: the config's)")
+    pt.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
+    pt.set_defaults(func=_pretrain)
+
     pp = sub.add_parser("paper", help="the study's six models, trained pooled, federated and local: a table")
     pp.add_argument("--config", default="configs/paper.yaml", help="paper config (default configs/paper.yaml)")
+    pp.add_argument("--models", help="only these rows, e.g. cnn,resnet18 (default: the config's paper.models)")
+    pp.add_argument("--protocol", action="store_true", help="instead of the table: the study's protocol (patch split, "
+                    "pairing by label) beside ours, pooled, for paper.protocol.models: protocol.md")
     pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
     pp.set_defaults(func=_paper)
 

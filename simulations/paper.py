@@ -24,9 +24,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -41,12 +43,13 @@ from shared.config import (
     classes_of,
     focus_class,
     from_dict,
+    image_encoder_of,
     task_of,
     to_dict,
-    uses_resnet,
 )
 from shared.data import concat, load_site
 from shared.evaluation import matrix_row
+from shared.pretrain import sha256_of
 from simulations.flower import federate
 from simulations.pooled import train_alone, with_steps
 
@@ -56,10 +59,25 @@ MODALITY = {"cnn": "image", "resnet18": "image", "mlp": "EHR", "xgboost": "EHR",
 
 
 @dataclass(frozen=True)
-class PaperConfig:
-    """The comparison's own settings; ``base`` (in the YAML) is an ordinary fedfuse config."""
+class ProtocolConfig:
+    """``fedfuse paper --protocol`` (simulations/protocol.py): which rows and seeds, pooled only."""
 
-    models: tuple[str, ...] = ("cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion")
+    models: tuple[str, ...] = ("cnn", "fusion")
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """The comparison's own settings; ``base`` (in the YAML) is an ordinary fedfuse config.
+
+    A row of the table is one of the six models, or a *variant*: a name with settings applied to ``base``
+    (``model.name`` among them), e.g. ResNet-18 with pretrained weights. A row's budget is ``budgets[row]``,
+    else its model's.
+    """
+
+    models: tuple[str, ...] = ("cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion")  # the rows
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     seeds: tuple[int, ...] = (0, 1, 2)
     rounds: int = 5  # federated rounds for the neural models (XGBoost: one tree per site a round)
     budgets: dict[str, int] = field(default_factory=lambda: {
@@ -89,50 +107,79 @@ def load_experiment(path: Path, quick: bool, section: str, cls: type) -> tuple[C
     return base, settings
 
 
-def load_paper(path: Path, quick: bool) -> tuple[Config, PaperConfig]:
-    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied."""
+def load_paper(path: Path, quick: bool, models: list[str] | None = None) -> tuple[Config, PaperConfig]:
+    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied;
+    ``models``: only these rows (``fedfuse paper --models``)."""
     base, paper = load_experiment(path, quick, "paper", PaperConfig)
-    unknown = [m for m in paper.models if m not in MODALITY]  # also what would name a file outside results/cells
+    if models:
+        paper = dataclasses.replace(paper, models=tuple(models))
+    rows = [*MODALITY, *paper.variants]
+    wanted = sorted({*paper.models, *paper.protocol.models})
+    unknown = [m for m in wanted if m not in rows or not NAME.fullmatch(m)]  # names become cell files
     if unknown:
-        raise ConfigError(f"{path}: paper.models: unknown model(s) {', '.join(map(repr, unknown))}; expected "
-                          f"some of {', '.join(MODALITY)}")
-    missing = [m for m in paper.models if m not in paper.budgets]
+        raise ConfigError(f"{path}: paper.models / paper.protocol.models: unknown row(s) "
+                          f"{', '.join(map(repr, unknown))}; expected some of "
+                          f"{', '.join(rows)} (a variant's name: letters, digits, _ and -)")
+    for row in wanted:  # a variant's settings are checked here, before any cell trains
+        try:
+            row_config(base, paper, row, 0)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    missing = [m for m in wanted if _budget(base, paper, m) is None]
     if missing:
-        raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)}")
+        raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)} (nor for its model)")
     return base, paper
 
 
-def _model_config(base: Config, model: str, seed: int) -> Config:
-    """``base`` for one model: xgboost federates by bagging; pretrained weights only reach ResNet encoders."""
+NAME = re.compile(r"[A-Za-z0-9_-]{1,60}")
+
+
+def _budget(base: Config, paper: PaperConfig, row: str) -> int | None:
+    return paper.budgets.get(row, paper.budgets.get(row_config(base, paper, row, 0).model.name))
+
+
+def row_config(base: Config, paper: PaperConfig, row: str, seed: int) -> Config:
+    """``base`` for one row and seed: a variant's settings applied; xgboost federates by bagging; pretrained
+    weights and freezing only where there is an image encoder."""
+    if row in paper.variants:
+        try:
+            base = apply_overrides(base, paper.variants[row])
+        except ConfigError as err:
+            raise ConfigError(f"paper.variants.{row}: {err}") from None
+    else:
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, name=row))
+    model = base.model.name
     strategy = "xgb_bagging" if model == "xgboost" else base.federation.strategy
     if model != "xgboost" and strategy.startswith("xgb_"):
         strategy = "fedavg"
-    m = dataclasses.replace(base.model, name=model)
-    resnet = uses_resnet(m)
-    m = dataclasses.replace(m, pretrained=m.pretrained if resnet else None, freeze=m.freeze and resnet)
+    m = base.model
+    image = image_encoder_of(m) is not None
+    weights = str(Path(m.pretrained).resolve()) if m.pretrained and image else None  # the apps run elsewhere
+    m = dataclasses.replace(m, pretrained=weights, freeze=m.freeze and image)
     return dataclasses.replace(base, seed=seed, model=m,
                                federation=dataclasses.replace(base.federation, strategy=strategy))
 
 
-def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
-    """Train one (model, seed, mode) and return its evaluation-matrix rows."""
+def run_cell(cfg: Config, paper: PaperConfig, row: str, mode: str, work: Path) -> dict:
+    """Train one (row, seed, mode) and return its evaluation-matrix rows."""
     task, classes = task_of(cfg), classes_of(cfg)
     root = Path(cfg.data.root)
     sites = [f"site-{k}" for k in range(cfg.data.sites)]
     splits = {s: load_site(root / s, cfg.data, cfg.seed + k, task) for k, s in enumerate(sites)}
     tests = {s: test for s, (_, test) in splits.items()}
-    budget = paper.budgets[cfg.model.name]
+    budget = _budget(cfg, paper, row)
     k = len(sites)
 
-    def row(weights):
+    def scored(weights):
         return matrix_row(lambda samples: learner.predict(cfg, weights, samples)[0], tests, classes,
                           bootstrap=paper.bootstrap, seed=cfg.seed)
 
     if mode == "pooled":
         train = concat([tr for tr, _ in splits.values()])
-        return {"pooled": row(train_alone(cfg, train, budget, cfg.seed))}
+        return {"pooled": scored(train_alone(cfg, train, budget, cfg.seed))}
     if mode == "local":
-        return {s: row(train_alone(cfg, tr, budget / k, cfg.seed + i)) for i, (s, (tr, _)) in enumerate(splits.items())}
+        return {s: scored(train_alone(cfg, tr, budget / k, cfg.seed + i))
+                for i, (s, (tr, _)) in enumerate(splits.items())}
     if cfg.model.name == "xgboost":  # bagging: each round adds one tree per site
         rounds, per_round = max(1, round(budget / k)), 1
     else:
@@ -141,38 +188,56 @@ def run_cell(cfg: Config, paper: PaperConfig, mode: str, work: Path) -> dict:
                       per_round)
     run_dir = work / "run"
     federate(fed, run_dir, paper.engine)
-    return {"federated": row(learner.load(fed, run_dir))}
+    return {"federated": scored(learner.load(fed, run_dir))}
 
 
-def _key(cfg: Config, paper: PaperConfig, mode: str, data: str) -> str:
-    blob = json.dumps({"cfg": to_dict(cfg), "data": data, "mode": mode, "budget": paper.budgets[cfg.model.name],
+def _key(cfg: Config, paper: PaperConfig, row: str, mode: str, data: str) -> str:
+    weights = sha256_of(Path(cfg.model.pretrained)) if cfg.model.pretrained else None
+    blob = json.dumps({"cfg": to_dict(cfg), "data": data, "mode": mode, "budget": _budget(cfg, paper, row),
+                       "weights": weights,
                        "rounds": paper.rounds, "engine": paper.engine, "bootstrap": paper.bootstrap},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def data_fingerprint(base: Config) -> str:
+    """Every input file's fingerprint: regenerated or edited data must not reuse cells."""
+    return fingerprint(*sorted(p for p in Path(base.data.root).rglob("*") if p.is_file()
+                               and not any(part.startswith(".fedfuse-") for part in p.parts)))
+
+
+def cached_cell(cfg: Config, paper: PaperConfig, row: str, mode: str, data: str, echo=print) -> dict:
+    """One (row, seed, mode) cell: read from ``<out>/cells/`` when a cell of the same settings is there, else
+    trained and written there (atomically: no half cells)."""
+    cells_dir = Path(paper.out) / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    path = cells_dir / f"{row}-{mode}-seed{cfg.seed}-{_key(cfg, paper, row, mode, data)}.json"
+    if not path.is_file():
+        started = time.time()
+        rows = run_cell(cfg, paper, row, mode, cells_dir / f"work-{path.stem}")
+        write_json(path, {"model": row, "mode": mode, "seed": cfg.seed, "rows": rows,
+                          "seconds": round(time.time() - started, 1)})
+        echo(f"{row:<12} {mode:<10} seed {cfg.seed}: {time.time() - started:.0f} s")
+    return json.loads(path.read_text())
+
+
+def check_weights(base: Config, paper: PaperConfig, rows) -> None:
+    """Every pretrained weights file the rows need is there, before hours of cells start."""
+    for row in rows:
+        weights = row_config(base, paper, row, 0).model.pretrained
+        if weights and not Path(weights).is_file():
+            raise FileNotFoundError(f"paper row {row}: model.pretrained {weights} not found; make it first with "
+                                    "`fedfuse pretrain` (configs/pretrain.yaml; --method simclr for SimCLR weights)")
+
+
 def run_paper(base: Config, paper: PaperConfig, echo=print) -> Path:
     """Every cell (cached), then the table; returns the table's path."""
-    out = Path(paper.out)
-    cells_dir = out / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[tuple[str, str], list[dict]] = {}
-    # Regenerated or edited data must not reuse cells: the key includes every input file's fingerprint.
-    data = fingerprint(*sorted(p for p in Path(base.data.root).rglob("*") if p.is_file()
-                               and not any(part.startswith(".fedfuse-") for part in p.parts)))
-    for model in paper.models:
-        for seed in paper.seeds:
-            cfg = _model_config(base, model, seed)
-            for mode in MODES:
-                path = cells_dir / f"{model}-{mode}-seed{seed}-{_key(cfg, paper, mode, data)}.json"
-                if not path.is_file():
-                    started = time.time()
-                    rows = run_cell(cfg, paper, mode, cells_dir / f"work-{path.stem}")
-                    write_json(path, {"model": model, "mode": mode, "seed": seed, "rows": rows,
-                                      "seconds": round(time.time() - started, 1)})  # atomic: no half cells
-                    echo(f"{model:<12} {mode:<10} seed {seed}: {time.time() - started:.0f} s")
-                results.setdefault((model, mode), []).append(json.loads(path.read_text()))
-    return write_table(base, paper, results, out)
+    check_weights(base, paper, paper.models)
+    data = data_fingerprint(base)
+    results = {(row, mode): [cached_cell(row_config(base, paper, row, seed), paper, row, mode, data, echo)
+                             for seed in paper.seeds]
+               for row in paper.models for mode in MODES}
+    return write_table(base, paper, results, Path(paper.out))
 
 
 def _summary(cells: list[dict], key: str) -> tuple[float, float, float, float]:
@@ -200,29 +265,50 @@ def _metric(m: dict, key: str) -> float:  # key: "accuracy", "macro_auc" or "auc
     return float(m["auc"][key.split(".", 1)[1]]) if key.startswith("auc.") else float(m[key])
 
 
+def _majority_share(cells: list[dict]) -> float:
+    """Over seeds, the share of the pooled test split's largest class: the accuracy of always answering it."""
+    shares = []
+    for cell in cells:
+        confusion = np.asarray(next(iter(cell["rows"].values()))["pooled"]["confusion"])
+        shares.append(confusion.sum(1).max() / max(confusion.sum(), 1))
+    return float(np.mean(shares))
+
+
 def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> Path:
+    """``paper_table.md`` and ``.csv``; each task's majority-class row first, the bar every model must clear."""
     lines, csv = [], ["model,modality,task,mode,metric,mean,std,ci95_low,ci95_high"]
     header = "| model | modality | task | " + " | ".join(
         f"{mode} acc | {mode} macro AUC | {mode} mitosis / EHR AUC" for mode in MODES) + " |"
     lines += [header, "|" + "---|" * (3 + 3 * len(MODES))]
-    for model in paper.models:
-        cfg = _model_config(base, model, 0)
-        task = task_of(cfg)
+    described, majority_done = [], set()
+    for row in paper.models:
+        cfg = row_config(base, paper, row, 0)
+        task, modality = task_of(cfg), MODALITY[cfg.model.name]
+        task_name = "patch (3 classes)" if task == "patch" else "EHR (breast cancer)"
+        if task not in majority_done:  # the trivial baseline: always the largest class; every AUC 0.5
+            majority_done.add(task)
+            share = _majority_share(results[(row, "pooled")])
+            lines.append(f"| majority class | none | {task_name} | "
+                         + " | ".join(f"{share:.3f} | 0.500 | 0.500" for _ in MODES) + " |")
         focus = f"auc.{focus_class(classes_of(cfg))}"
-        cells = [f"{model}", MODALITY[model], "patch (3 classes)" if task == "patch" else "EHR (breast cancer)"]
+        cells = [row, modality, task_name]
         for mode in MODES:
             for key in ("accuracy", "macro_auc", focus):
-                mean, std, low, high = _summary(results[(model, mode)], key)
+                mean, std, low, high = _summary(results[(row, mode)], key)
                 cells.append(f"{mean:.3f} ± {std:.3f}")
-                csv.append(f"{model},{MODALITY[model]},{task},{mode},{key},{mean:.4f},{std:.4f},{low:.4f},{high:.4f}")
+                csv.append(f"{row},{modality},{task},{mode},{key},{mean:.4f},{std:.4f},{low:.4f},{high:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+        if row in paper.variants:
+            described.append(f"{row}: " + ", ".join(f"{k} {v}" for k, v in paper.variants[row].items()))
     note = (f"\nScores on the pooled test split (every site's held-out cases), mean ± std over seeds "
             f"{', '.join(map(str, paper.seeds))}; local: the mean over sites of each site's own model. "
             f"95 % intervals from a bootstrap over patients ({paper.bootstrap} resamples) are in the CSV. "
-            f"Data: {base.data.root} ({base.data.sites} sites, partition {base.data.partition}); pairing "
-            f"{base.data.pairing}; pretrained weights: {base.model.pretrained or 'none (random initialisation)'}. "
-            f"Budget, in optimiser steps summed over sites (trees for XGBoost), equal across modes: "
-            + ", ".join(f"{m} {paper.budgets[m]}" for m in paper.models)
+            f"Data: {base.data.root} ({base.data.sites} sites, partition {base.data.partition}, split "
+            f"{base.data.split}); pairing {base.data.pairing}; pretrained weights: "
+            f"{base.model.pretrained or 'none (random initialisation)'}"
+            + "".join(f"; {d}" for d in described)
+            + ". Budget, in optimiser steps summed over sites (trees for XGBoost), equal across modes: "
+            + ", ".join(f"{m} {_budget(base, paper, m)}" for m in paper.models)
             + f"; federated: {paper.rounds} rounds (XGBoost: budget / sites rounds of one tree per site), "
             f"engine {paper.engine}.\n")
     table = out / "paper_table.md"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import Config, DataConfig
-from shared.data import Samples, load_pooled, load_site, split_by_case
+from shared.data import Samples, load_pooled, load_site, split
 
 SCHEMES = ("iid", "dirichlet", "quantity")  # natural needs no dealing: a site is a folder
 
@@ -91,7 +91,7 @@ def load_partition(
     # The partition must be the same at every site: it is seeded by the run's seed alone.
     groups = partition_cases(pooled.cases, pooled.labels, cfg.sites, cfg.partition, cfg.alpha, seed)
     mine = pooled.subset(np.isin(pooled.cases, groups[index]))
-    return split_by_case(mine, cfg.test_fraction, seed + index)
+    return split(mine, cfg, seed + index)
 
 
 def natural_index(cfg: Config, partition_id: int) -> int:

@@ -78,5 +78,19 @@ def test_paper_model_that_is_not_one(tmp_path, capsys):
     config = tmp_path / "paper.yaml"
     config.write_text("paper:\n  models: [cnn, ../../x]\n  budgets: {cnn: 4, ../../x: 4}\n")
     assert main(["paper", "--config", str(config)]) == 2
-    assert f"{config}: paper.models: unknown model(s) '../../x'; expected some of cnn" in error_line(capsys)
+    assert f"{config}: paper.models / paper.protocol.models: unknown row(s) '../../x'; expected some of cnn" \
+        in error_line(capsys)
+    assert list(tmp_path.iterdir()) == [config]
+
+
+def test_paper_variant_named_like_a_path_or_with_a_bad_setting(tmp_path, capsys):
+    config = tmp_path / "paper.yaml"
+    config.write_text("paper:\n  models: [../x]\n  variants: {../x: {model.name: cnn}}\n  budgets: {cnn: 4}\n")
+    assert main(["paper", "--config", str(config)]) == 2
+    line = error_line(capsys)
+    assert "unknown row(s) '../x'" in line and "letters, digits, _ and -" in line
+    config.write_text("paper:\n  models: [big]\n  variants: {big: {model.hidden: -3}}\n  budgets: {fusion: 4}\n")
+    assert main(["paper", "--config", str(config)]) == 2
+    assert f"{config}: paper.variants.big: overrides: model.hidden: expected between 1 and 4096, got -3" \
+        in error_line(capsys)
     assert list(tmp_path.iterdir()) == [config]

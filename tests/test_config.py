@@ -94,7 +94,8 @@ def test_pyproject_app_config_lists_every_setting_and_no_defaults():
      r"model\.xgb_local_rounds: xgb_bagging appends one tree"),
     ({"federation.min_sites": "5"}, r"federation\.min_sites: expected between 1 and data\.sites \(3\)"),
     ({"data.test_fraction": "1.0"}, r"data\.test_fraction: expected between 0 and 1"),
-    ({"model.pretrained": "w.pth"}, r"model\.pretrained / model\.freeze: only for a ResNet-18 encoder"),
+    ({"model.pretrained": "w.pth", "model.name": "mlp"},
+     r"model\.pretrained / model\.freeze: only for a model with an image encoder"),
     ({"data.positive": "[invasive, metastatic]"}, r"data\.positive\[1\]: expected one of invasive"),
     ({"data.classes": "[mitosis, nucleus]"}, r"data\.classes: \['nucleus'\] are not BreCaHAD keys"),
     ({"model.name": "cnn", "federation.strategy": "xgb_cyclic"}, r"does not fit model\.name 'cnn'"),
@@ -172,10 +173,13 @@ def test_plain_names_and_the_bounds_themselves_are_accepted():
 
 
 def test_every_preset_loads():
-    from simulations.paper import PaperConfig, load_experiment
+    from simulations.paper import PaperConfig, load_experiment, load_paper
+    from simulations.pretrain import PretrainConfig, check
     from simulations.shift_study import ShiftStudyConfig
 
     load(ROOT / "configs/quickstart.yaml")
     for quick in (False, True):
         load_experiment(ROOT / "configs/paper.yaml", quick, "paper", PaperConfig)
+        load_paper(ROOT / "configs/paper.yaml", quick)  # every row, variants included, builds a valid config
+        check(*load_experiment(ROOT / "configs/pretrain.yaml", quick, "pretrain", PretrainConfig))
         load_experiment(ROOT / "configs/shift_study.yaml", quick, "study", ShiftStudyConfig)

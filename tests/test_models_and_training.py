@@ -73,3 +73,33 @@ def test_fusion_image_auxiliary_loss_trains_the_image_encoder_without_changing_p
     assert torch.allclose(with_aux.loss(images, ehr, labels, loss_fn), fused + aux)
     # the auxiliary head is image-only: image-only models do not get one
     assert build_model(ModelConfig(name="cnn", image_aux_weight=1.0), 12, 3).image_aux is None
+
+
+def test_learning_rate_schedule_warms_up_then_decays_over_the_whole_run():
+    from shared.train import lr_factor
+
+    cfg = TrainConfig(schedule="cosine", warmup=0.1)
+    assert lr_factor(cfg, 0.0) == pytest.approx(0.01) and lr_factor(cfg, 0.05) == pytest.approx(0.51)
+    assert lr_factor(cfg, 0.1) == pytest.approx(1.0) and lr_factor(cfg, 0.55) == pytest.approx(0.5)
+    assert lr_factor(cfg, 0.999) < 1e-4
+    assert lr_factor(TrainConfig(), 0.7) == 1.0  # constant, no warm-up: the default
+
+
+def test_a_rounds_steps_take_their_share_of_the_schedule_and_the_encoder_its_own_rate():
+    seen = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(*args, **kwargs)
+
+    cfg = TrainConfig(steps=4, batch_size=8, lr=0.01, encoder_lr=0.001, schedule="cosine")
+    model = build_model(ModelConfig(name="fusion"), 5, 3)
+    original, torch.optim.Adam = torch.optim.Adam, Recording
+    try:
+        train_epochs(model, toy(), cfg, 3, seed=0, progress=(2, 4))  # round 3 of 4: positions 0.5 to 0.6875
+    finally:
+        torch.optim.Adam = original
+    encoder, rest = zip(*seen)
+    np.testing.assert_allclose(rest, [0.01 * 0.5 * (1 + np.cos(np.pi * (0.5 + s / 16))) for s in range(4)])
+    np.testing.assert_allclose(np.array(encoder) * 10, rest)

@@ -25,8 +25,12 @@ def quick_paper(quick_data, tmp_path_factory):
 def test_table_has_six_models_and_three_modes_filled(quick_paper):
     _, _, table = quick_paper
     rows = [line for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion"]
+    assert [r.split("|")[1].strip() for r in rows] == ["majority class", "cnn", "resnet18", "majority class", "mlp",
+                                                       "xgboost", "fusion", "late_fusion"]
     assert all(len(r.split("|")) == 2 + 3 + 9 and "nan" not in r for r in rows)
+    # the majority row's accuracy is the largest class's share of the pooled test split, the same in every mode
+    patch_majority = [float(x) for x in rows[0].split("|")[4:13:3]]
+    assert len(set(patch_majority)) == 1 and 1 / 3 < patch_majority[0] < 1
     csv = table.with_suffix(".csv").read_text().splitlines()
     assert len(csv) == 1 + 6 * 3 * 3
     fusion_auc = next(line for line in csv if line.startswith("fusion,") and ",pooled,macro_auc," in line)
@@ -57,3 +61,23 @@ def test_evaluation_matrix_shape(quick_paper):
     assert sorted(pooled["rows"]) == ["pooled"]
     n = pooled["rows"]["pooled"]
     assert n["pooled"]["n"] == n["site-0"]["n"] + n["site-1"]["n"]
+
+
+def test_protocol_table_reuses_the_case_linked_cells_and_measures_the_by_label_leak(quick_paper, monkeypatch):
+    from simulations.protocol import run_protocol
+
+    base, paper, _ = quick_paper
+    trained = []
+    real = paper_mod.run_cell
+    monkeypatch.setattr(paper_mod, "run_cell", lambda cfg, *args: trained.append(
+        (cfg.data.split, cfg.data.pairing)) or real(cfg, *args))
+    table = run_protocol(base, paper, echo=lambda line: None)
+    # (case, linked) is the paper table's own pooled cell, cached: only the three other conditions train
+    assert sorted(trained) == sorted([("patch", "linked"), ("case", "by_label"), ("patch", "by_label")] * 2)
+    text = table.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["cnn", "fusion"]
+    leak = float(text.split("predicts the patch class with macro AUC ")[1].split(" ")[0])
+    assert leak > 0.75  # by-label pairing writes the patch's class into its record
+    csv = table.with_suffix(".csv").read_text().splitlines()
+    assert len(csv) == 1 + 2 * 4

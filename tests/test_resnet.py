@@ -56,8 +56,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
     model = build_model(ModelConfig(name="resnet18"), 5, 3)
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_pretrained_weights(model, str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match="no resnet18 encoder"):
-        load_pretrained_weights(build_model(ModelConfig(name="cnn"), 5, 3), str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="no image encoder"):
+        load_pretrained_weights(build_model(ModelConfig(name="mlp"), 5, 3), str(tmp_path / "nope.pth"))
 
 
 def test_late_fusion_averages_the_two_models_probabilities():
