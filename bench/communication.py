@@ -4,7 +4,7 @@
 
 For each model of the study (cnn, resnet18, mlp, xgboost, fusion, late_fusion;
 the quickstart's model settings otherwise), the messages of one round are built
-as the apps build them (``client.wire.to_record``, Flower's records) and
+as the apps build them (``shared.wire.to_record``, Flower's records) and
 measured in Flower's protobuf form, what crosses the wire:
 
 * up, per site and round: the training reply (the site's weights and its
@@ -47,12 +47,12 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp.strategy.strategy_utils import aggregate_bagging
 
 from bench import common
-from client.wire import compact, to_record
 from shared import learner, xgb
 from shared.config import apply_overrides, classes_of
 from shared.data import load_site
 from shared.mimic import FEATURES
 from shared.serde import booster_to_array, flatten_metrics
+from shared.wire import compact, to_record
 
 NAME = "communication"
 MODELS = ("cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion")

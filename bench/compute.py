@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.compute [--tiny | --quick | --full] [--out FILE]
 
 A training step is the project's: the batch assembled by the training loop's
-own loader (``shared.train._batch``: uint8 to float and the quickstart's
+own loader (``shared.train.make_batch``: uint8 to float and the quickstart's
 augmentations), the model's loss (with fusion's auxiliary image loss), backward, Adam.
 Each setting changes one thing from the defaults (configs/quickstart.yaml's
 train section: batch 32, ``train.threads`` 1, and the layout
@@ -50,7 +50,7 @@ from shared.config import ModelConfig, TrainConfig, load
 from shared.data import Samples
 from shared.mimic import FEATURES
 from shared.models import build_model, memory_format
-from shared.train import _batch
+from shared.train import make_batch
 
 NAME = "compute"
 SIZES = {
@@ -107,7 +107,7 @@ def measure(model_name: str, setting: Setting, steps: int, samples: Samples, tra
     rng = np.random.default_rng(0)
 
     def step() -> None:
-        images, ehr, labels = _batch(samples, rng.choice(len(samples), setting.batch, replace=False), train, gen)
+        images, ehr, labels = make_batch(samples, rng.choice(len(samples), setting.batch, replace=False), train, gen)
         if setting.layout != "as loaded" or setting.compile:
             images = images.contiguous(memory_format=memory)
         opt.zero_grad()

@@ -10,7 +10,7 @@
    and read back likewise.
 2. The loader's share of a training step (target: under 10 %): the
    quickstart's model and train settings on one site's training split, read
-   from the cache; each step's batch assembly (``shared.train._batch``, the
+   from the cache; each step's batch assembly (``shared.train.make_batch``, the
    training loop's own: indexing, uint8 to float, the configured
    augmentations) and its forward, backward and optimiser step timed apart;
    the same with a light HED stain jitter (``train.hed_jitter`` 0.05) on.
@@ -44,7 +44,7 @@ from shared.config import classes_of, task_of
 from shared.data import load_site
 from shared.mimic import FEATURES, load_cohort
 from shared.models import build_model
-from shared.train import _batch, class_weights
+from shared.train import class_weights, make_batch
 
 NAME = "data_pipeline"
 SIZES = {
@@ -106,7 +106,7 @@ def step_times(cfg, train, samples, steps: int) -> dict:
     for step in range(WARMUP + steps):
         idx = rng.choice(len(samples), size=min(batch, len(samples)), replace=False)
         t0 = time.perf_counter()
-        images, ehr, labels = _batch(samples, idx, train, gen)
+        images, ehr, labels = make_batch(samples, idx, train, gen)
         t1 = time.perf_counter()
         loss = model.loss(images, ehr, labels, loss_fn)
         opt.zero_grad()

@@ -26,14 +26,15 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.wire import STAIN_REFERENCE, UNIFORM, compact, from_record, to_record
+from client.secagg import legacy_app
 from shared import explain, learner, privacy, stain
 from shared.brecahad import list_tiles, read_image
 from shared.config import Config, classes_of, fault_at, from_run_config, task_of
-from shared.data import Samples, ehr_statistics, load_site
+from shared.data import Samples, ehr_statistics
 from shared.metrics import classification_metrics
+from shared.partition import images_folder, site_samples
 from shared.serde import flatten_metrics
-from simulations.partition import natural_index, simulated_site
+from shared.wire import STAIN_REFERENCE, UNIFORM, compact, from_record, to_record
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_EXHAUSTED = 100  # Error code of a site that declines to train: its privacy budget would be exceeded
@@ -73,53 +74,20 @@ def _load_site(run_config: tuple, node_config: tuple, stain_reference: tuple | N
         return _load_site(run_config, node_config, stain_reference, False)
     if raw_stain:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stain_norm="none"))
-    node, task = dict(node_config), task_of(cfg)
     reference = list(stain_reference) if stain_reference is not None else None
-    if "data-dir" in node:
-        folder = Path(str(node["data-dir"]))
-        index = int(node.get("site-index", 0))
-        name = str(node.get("site-name", folder.name))
-        train, test = load_site(folder, cfg.data, cfg.seed + index, task, reference)
-    else:
-        index, name, train, test = simulated_site(cfg, int(node["partition-id"]), task, reference)
-    if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
-        train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
+    index, name, train, test = site_samples(cfg, dict(node_config), task_of(cfg), reference)
     return Site(cfg, index, name, train, test)
-
-
-def _images_folder(context: Context) -> Path:
-    """This site's BreCaHAD folder (federated stain statistics are computed from all its tiles)."""
-    cfg, node = from_run_config(dict(context.run_config), APP_ROOT), context.node_config
-    if "data-dir" in node:
-        return Path(str(node["data-dir"])) / "BreCaHAD"
-    return Path(cfg.data.root) / f"site-{natural_index(cfg, int(node['partition-id']))}" / "BreCaHAD"
 
 
 def _ledger(site: Site, context: Context) -> tuple[privacy.Ledger, float]:
     """This site's privacy ledger and epsilon budget, both the hospital's own.
 
     Where the ledger lives: ``shared.privacy.ledger_folder`` (a SuperNode's own node config, never the run's).
-    The budget is the run's (``shared.privacy.run_budget``), capped by the hospital's ``privacy-budget``.
+    The budget: ``shared.privacy.site_budget`` (the run's, capped by the hospital's ``privacy-budget``).
     """
-    p, node = site.cfg.privacy, context.node_config
-    folder = privacy.ledger_folder(node, p, site.cfg.data.root)
-    budget = privacy.run_budget(p)
-    budget = math.inf if budget is None else budget
-    if privacy.BUDGET_KEY in node:
-        budget = min(budget, _hospital_budget(node[privacy.BUDGET_KEY]))
-    return privacy.Ledger(folder, site.train, p, site.name), budget
-
-
-def _hospital_budget(value: object) -> float:
-    """The node config's ``privacy-budget``: a number >= 0 (NaN would cap nothing: ``min`` ignores it)."""
-    try:
-        budget = float(value)
-    except (TypeError, ValueError):
-        budget = math.nan
-    if not budget >= 0:
-        raise ValueError(f"node config privacy-budget {value!r}: expected a number >= 0, the most epsilon this "
-                         "hospital allows across all runs")
-    return budget
+    p = site.cfg.privacy
+    folder = privacy.ledger_folder(context.node_config, p, site.cfg.data.root)
+    return privacy.Ledger(folder, site.train, p, site.name), privacy.site_budget(context.node_config, p)
 
 
 def _with_local_bn(site: Site, context: Context, weights: dict, adapt_on: Samples | None = None) -> dict:
@@ -148,9 +116,7 @@ def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     """With ``privacy.secure_aggregation``, training speaks Flower's legacy SecAgg+ protocol (client/secagg.py)."""
     if msg.metadata.message_type == MessageType.TRAIN and \
             from_run_config(dict(context.run_config), APP_ROOT).privacy.secure_aggregation:
-        from client.secagg import legacy_app  # imported here: client/secagg.py builds on this module
-
-        return legacy_app(msg, context)
+        return SECAGG_APP(msg, context)
     return call_next(msg, context)
 
 
@@ -227,7 +193,7 @@ def local_training(site: Site, context: Context, weights: learner.Weights, serve
     weights = _with_local_bn(site, context, weights)
     weights, loss = learner.local_update(site.cfg, weights, site.train, seed, mu, dp,
                                          (server_round - 1, max(server_round, site.cfg.federation.rounds)))
-    if site.cfg.federation.fedbn:  # kept for this site's next round and evaluations; never sent (client/wire.py)
+    if site.cfg.federation.fedbn:  # kept for this site's next round and evaluations; never sent (shared/wire.py)
         context.state[FEDBN_STATE] = to_record({k: weights[k] for k in learner.bn_names(site.cfg)})
     if ledger is not None:
         eps = ledger.spend(dp.entry, str(context.run_id), server_round)
@@ -288,7 +254,10 @@ def shap_importance(msg: Message, context: Context) -> Message:
 def stain_statistics(msg: Message, context: Context) -> Message:
     """The mean stain statistics of this site's tiles and how many: the federated reference's inputs, nothing else."""
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
-    folder = _images_folder(context)
+    folder = images_folder(cfg, context.node_config)
     images = (read_image(tile.image) for tile in list_tiles(folder))
     mean, n = stain.site_statistics(cfg.data.stain_norm, images, str(folder))
     return Message(RecordDict({"stain": MetricRecord({"mean": mean.tolist(), "images": n})}), reply_to=msg)
+
+
+SECAGG_APP = legacy_app(_site, local_training)  # SecAgg+'s legacy ClientApp, loading and training as this one

@@ -1,8 +1,9 @@
 """A site's side of secure aggregation (SecAgg+): Flower's legacy client, its update masked by ``secaggplus_mod``.
 
 client/app.py routes a SecAgg+ run's training messages here (server/secagg.py
-says why they are legacy); evaluation and the statistics query stay on the
-Message API. The server names the arrays it sends and the ones to return, in
+says why they are legacy), handing over how it loads a site and trains it, so
+this module needs nothing of client/app.py; evaluation and the statistics
+query stay on the Message API. The server names the arrays it sends and the ones to return, in
 its order; the site trains as in every run (``local_training``, local DP
 included) and checks its update before the mod masks it, since after that no
 one can look inside.
@@ -10,13 +11,15 @@ one can look inside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from flwr.app import Context
-from flwr.client import Client, NumPyClient
+from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from client.app import Site, _site, local_training
 from shared.learner import Weights
 
 
@@ -47,16 +50,21 @@ def check_update(update: Weights, received: Weights, clipping_range: float, exam
                                "(raise privacy.secagg_clipping_range)")
 
 
-class SecAggClient(NumPyClient):
-    """Trains the received model and returns the arrays the server asked for, checked."""
+Training = Callable[[Any, Context, Weights, int], tuple[Weights, dict[str, float]]]  # client.app.local_training
 
-    def __init__(self, site: Site, context: Context) -> None:
+
+class SecAggClient(NumPyClient):
+    """Trains the received model and returns the arrays the server asked for, checked. ``site``: the ClientApp's
+    site (its ``train`` split and ``name``); ``training``: its training (``client.app.local_training``)."""
+
+    def __init__(self, site: Any, context: Context, training: Training) -> None:
         self.site = site
         self.context = context
+        self.training = training
 
     def fit(self, parameters, config):
         received = dict(zip(str(config["arrays"]).split(), parameters, strict=True))
-        weights, metrics = local_training(self.site, self.context, received, int(config["server-round"]))
+        weights, metrics = self.training(self.site, self.context, received, int(config["server-round"]))
         update = {name: weights[name] for name in str(config["secure"]).split()}
         try:
             check_update(update, received, float(config["clipping-range"]), len(self.site.train),
@@ -66,8 +74,8 @@ class SecAggClient(NumPyClient):
         return list(update.values()), len(self.site.train), metrics
 
 
-def _client(context: Context) -> Client:
-    return SecAggClient(_site(context), context).to_client()
-
-
-legacy_app = ClientApp(client_fn=_client, mods=[secaggplus_mod])
+def legacy_app(site_of: Callable[[Context], Any], training: Training) -> ClientApp:
+    """The legacy ClientApp that speaks SecAgg+: ``site_of`` loads the site from its context, ``training``
+    trains it, both the ClientApp's own (client/app.py)."""
+    return ClientApp(client_fn=lambda context: SecAggClient(site_of(context), context, training).to_client(),
+                     mods=[secaggplus_mod])

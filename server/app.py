@@ -28,7 +28,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from client.wire import STAIN_REFERENCE, from_record, to_record
 from server import checkpoint, secagg
 from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, run_rounds
 from server.record import RunRecord
@@ -49,6 +48,7 @@ from shared.data import Samples, load_folder, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics, ehr_only_auc
 from shared.mimic import FEATURES
+from shared.wire import STAIN_REFERENCE, from_record, to_record
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 # What a site's stain statistics (shared/stain.py) can honestly be, per method: (lowest, highest) of each. Reinhard:

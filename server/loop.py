@@ -42,11 +42,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from client.wire import UNIFORM, expand, to_record
 from server.strategy import PRIVACY_KEYS, note_failures
 from shared.config import TREE_STRATEGIES, Config, classes_of, compacted_upload
 from shared.learner import MAX_WEIGHT, bn_names, trained_names
 from shared.serde import flatten_metrics
+from shared.wire import UNIFORM, expand, to_record
 
 # Error codes of the replies the server makes up for a site (a site's own: 100 budget_exhausted, 103 local_dp_required)
 TIMEOUT = 101

@@ -36,13 +36,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp.strategy import Strategy
 
-from client.wire import to_record
 from server.loop import Declared, check_train_metrics, checked_evaluation
 from server.record import RunRecord
 from server.strategy import BudgetSpent, note_spend
 from shared.config import Config, ConfigError
 from shared.learner import Weights
 from shared.metrics import weighted_mean
+from shared.wire import to_record
 
 NUM_SHARES = 1.0  # every sampled site holds a share of every other's secrets: hospital federations are small
 THRESHOLD = 2 / 3  # of the shares rebuild a secret (at least 2): a third of the sites may drop out, fewer collude in vain

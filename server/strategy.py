@@ -29,11 +29,11 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringR
 from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from client.wire import UNIFORM
 from server.record import RunRecord
 from shared.config import Config, classes_of
 from shared.privacy import run_budget
 from shared.serde import unflatten_metrics
+from shared.wire import UNIFORM
 
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -195,7 +195,7 @@ class CentralRecording:
 def central_noise(epsilon: float, delta: float, releases: int) -> float:
     """The smallest noise multiplier whose ``releases`` Gaussian releases stay within ``epsilon`` (Flower's RDP)."""
     def spent(sigma: float) -> float:
-        accountant = _accountant(delta, 1, None)
+        accountant = central_accountant(delta, 1, None)
         accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=1, population_size=1), releases)
         return accountant.get_epsilon(delta)
 
@@ -206,7 +206,8 @@ def central_noise(epsilon: float, delta: float, releases: int) -> float:
     return high
 
 
-def _accountant(delta: float, sites: int, budget: float | None) -> RdpAccountant:
+def central_accountant(delta: float, sites: int, budget: float | None) -> RdpAccountant:
+    """Flower's RDP accountant for central DP: one release a round over ``sites`` equally weighted sites."""
     return RdpAccountant(AccountingConfig(target_delta=delta, population_size=sites, max_epsilon=budget,
                                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                                           sampling_method=SamplingMethod.NO_AMPLIFICATION))
@@ -222,7 +223,7 @@ def _central_dp(cfg: Config, inner: FedAvg, record: RunRecord, site_names: dict[
         DifferentialPrivacyClientSideFixedClipping
     cls = type(f"Recording{base.__name__}", (CentralRecording, base), {})
     return cls(record, site_names, trained, inner, sigma, p.clip_norm, sites,
-               accountant=_accountant(p.delta, sites, budget))
+               accountant=central_accountant(p.delta, sites, budget))
 
 
 def _options(cfg: Config) -> dict:

@@ -502,7 +502,7 @@ def _check_secure_aggregation(cfg: Config) -> None:
 
 
 def compacted_upload(f: FederationConfig) -> bool:
-    """Whether a site's upload is less than the whole float32 model (``client.wire.compact``)."""
+    """Whether a site's upload is less than the whole float32 model (``shared.wire.compact``)."""
     return f.upload != "all" or f.upload_dtype != "float32" or f.fedbn
 
 

@@ -54,7 +54,7 @@ from torch import nn
 from shared.cache import write_json
 from shared.config import Config, PrivacyConfig, TrainConfig
 from shared.data import Samples
-from shared.train import _batch, class_weights, param_groups
+from shared.train import class_weights, make_batch, param_groups
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one line of Opacus' RDP history
 LEDGER_FOLDER = ".fedfuse-privacy"  # a site's ledgers, in its data folder (deployment) or data.root (simulation)
@@ -222,6 +222,24 @@ def run_budget(privacy: PrivacyConfig) -> float | None:
     return privacy.budget if privacy.budget is not None else privacy.epsilon
 
 
+def site_budget(node_config: Mapping[str, object], privacy: PrivacyConfig) -> float:
+    """The epsilon a site may spend in this run: the run's (:func:`run_budget`; none: no limit), capped by its
+    hospital's ``privacy-budget`` (node config), which the run config cannot raise."""
+    budget = run_budget(privacy)
+    budget = math.inf if budget is None else budget
+    if BUDGET_KEY not in node_config:
+        return budget
+    value = node_config[BUDGET_KEY]
+    try:
+        hospital = float(value)
+    except (TypeError, ValueError):
+        hospital = math.nan
+    if not hospital >= 0:  # NaN would cap nothing: ``min`` ignores it
+        raise ValueError(f"node config {BUDGET_KEY} {value!r}: expected a number >= 0, the most epsilon this "
+                         "hospital allows across all runs")
+    return min(budget, hospital)
+
+
 def local_dp_refusal(node_config: Mapping[str, object], privacy: PrivacyConfig, dp: Plan | None) -> str | None:
     """Why a site may not train this run, its hospital having asked for local DP; None: it may.
 
@@ -326,7 +344,7 @@ def dp_batch(samples: Samples, idx: np.ndarray, train: TrainConfig, gen: torch.G
     """A training batch for Opacus: its images in plain NCHW memory. Opacus' per-sample gradients of a
     convolution come out wrong on a strided view (the loader's NHWC memory through a permute, a rotation)
     and on channels_last, silently: tests/test_privacy.py checks them against one backward per sample."""
-    images, ehr, labels = _batch(samples, idx, train, gen)
+    images, ehr, labels = make_batch(samples, idx, train, gen)
     return images.contiguous(), ehr, labels
 
 

@@ -55,7 +55,7 @@ def hed_jitter(images: np.ndarray, strength: float, gen: torch.Generator) -> np.
     return (np.clip(hed2rgb(hed, channel_axis=-1), 0, 1) * 255).round().astype(np.uint8)
 
 
-def _batch(samples: Samples, idx: np.ndarray, augment: TrainConfig | None, gen: torch.Generator | None):
+def make_batch(samples: Samples, idx: np.ndarray, augment: TrainConfig | None, gen: torch.Generator | None):
     """A batch as tensors; ``augment``: the training settings whose augmentations apply (None: evaluation)."""
     raw = samples.images[idx]
     if augment is not None and augment.hed_jitter > 0 and raw.size:
@@ -122,7 +122,7 @@ def train_epochs(
                     group["lr"] = base_lr * lr_factor(cfg, (progress[0] + steps / budget) / progress[1])
                 steps += 1
                 idx = order[start : start + cfg.batch_size]
-                images, ehr, labels = _batch(samples, idx, cfg, gen)
+                images, ehr, labels = make_batch(samples, idx, cfg, gen)
                 loss = model.loss(images.contiguous(memory_format=layout), ehr, labels, loss_fn)
                 total += loss.item() * len(idx)
                 count += len(idx)
@@ -154,7 +154,7 @@ def predict(model: nn.Module, samples: Samples, batch_size: int = 256) -> tuple[
     with fast_layout(model) as layout:
         for start in range(0, len(samples), batch_size):
             idx = np.arange(start, min(start + batch_size, len(samples)))
-            images, ehr, labels = _batch(samples, idx, None, None)
+            images, ehr, labels = make_batch(samples, idx, None, None)
             logits = model(images.contiguous(memory_format=layout), ehr)
             loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             probs.append(torch.softmax(logits, 1).numpy())

@@ -107,7 +107,7 @@ def csv_path(path: Path, flag: str) -> Path:
     return path
 
 
-def _absolute(cfg: Config) -> Config:
+def absolute_paths(cfg: Config) -> Config:
     """Paths as absolute: the Flower processes run in the run folder, not here."""
     def fix(p: str | None) -> str | None:
         return str(Path(p).resolve()) if p else p
@@ -147,7 +147,7 @@ def _paper(args: argparse.Namespace) -> int:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     base, paper = load_paper(Path(args.config), args.quick, models)
-    base = _absolute(base)
+    base = absolute_paths(base)
     _ensure_data(base)
     started = time.time()
     if args.protocol:
@@ -170,7 +170,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, name=args.model))
     changes = {k: v for k, v in (("method", args.method), ("steps", args.steps), ("out", args.out)) if v}
     settings = dataclasses.replace(settings, **changes)
-    base = _absolute(base)
+    base = absolute_paths(base)
     _ensure_data(base)
     path, provenance = run_pretrain(base, settings, echo=lambda line: print(line, flush=True))
     print(f"done in {provenance['seconds']:.0f} s: {path} (sha256 {provenance['sha256'][:16]}...) and its "
@@ -183,7 +183,7 @@ def _shift_study(args: argparse.Namespace) -> int:
     from simulations.shift_study import ShiftStudyConfig, run_shift_study
 
     base, study = load_experiment(Path(args.config), args.quick, "study", ShiftStudyConfig)
-    base = _absolute(base)
+    base = absolute_paths(base)
     _ensure_data(base)
     started = time.time()
     table = run_shift_study(base, study, echo=lambda line: print(line, flush=True))
@@ -196,7 +196,7 @@ def _shift_study(args: argparse.Namespace) -> int:
 def _loso(args: argparse.Namespace) -> int:
     from simulations.loso import run_loso
 
-    cfg = _absolute(load(args.config, parse_assignments(args.set)))
+    cfg = absolute_paths(load(args.config, parse_assignments(args.set)))
     _ensure_data(cfg)
     out = Path(args.out) if args.out else child(Path("results"), f"loso-{run_name(cfg)}", "name")
     if out.exists() and any(out.iterdir()):
@@ -212,7 +212,7 @@ def _privacy_sweep(args: argparse.Namespace) -> int:
     settings = parse_assignments(args.set)
     if args.quick:  # a small version: two short rounds in process
         settings = {"federation.rounds": 2, "train.steps": 4, **settings}
-    cfg = _absolute(load(args.config, settings))
+    cfg = absolute_paths(load(args.config, settings))
     _ensure_data(cfg)
     epsilons = [float(e) for e in args.epsilons.split(",")]
     if any(e <= 0 for e in epsilons):
@@ -307,7 +307,7 @@ def _run_folder(args: argparse.Namespace, cfg: Config) -> tuple[Path, bool]:
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.flower import run_simulation
 
-    cfg = _absolute(load(args.config, parse_assignments(args.set)))
+    cfg = absolute_paths(load(args.config, parse_assignments(args.set)))
     run_dir, replace = _run_folder(args, cfg)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
     _ensure_data(cfg)

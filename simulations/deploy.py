@@ -41,10 +41,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.cache import write_json
 from simulations.flower import (
     BIN,
-    _flwr,
-    _free_port,
     children,
     flower_env,
+    flwr_cli,
+    free_port,
     stop_tree,
     submit_and_follow,
     wait_ready,
@@ -193,7 +193,7 @@ class Admissions:
         self.env = flower_env(home, home / "ray")
 
     def _flwr(self, *args: str) -> dict:
-        done = _flwr(["supernode", *args, "fedfuse", "--format", "json"], self.env, capture_output=True, timeout=120)
+        done = flwr_cli(["supernode", *args, "fedfuse", "--format", "json"], self.env, capture_output=True, timeout=120)
         try:
             out = json.loads(done.stdout)
         except json.JSONDecodeError:
@@ -376,13 +376,13 @@ def _try_federation(out: Path, data: Path, sites: int, run_config: dict, echo) -
     certs = make_certs(out / "coordinator", ["localhost", "127.0.0.1"])
     keys = out / "keys"
     make_keys(keys, names, force=True)
-    with Federation(out / "processes", certs, port=_free_port(), echo=echo) as fed:
+    with Federation(out / "processes", certs, port=free_port(), echo=echo) as fed:
         fed.start_superlink(out / "coordinator" / "state.db")
         admissions = Admissions(out / "coordinator", fed.address)
         for name in names:
             echo(f"admitted {name} as node {admissions.admit(keys / f'{name}.pub', name)}")
         for name in names:
-            fed.start_supernode(name, data / name, keys / name, _free_port())
+            fed.start_supernode(name, data / name, keys / name, free_port())
         fed.wait_online(admissions, sites)
         run_dir = out / "runs" / time.strftime("deploy-%Y%m%d-%H%M%S")
         fed.run({"server.eval_data": str(data / "holdout"), "federation.min_sites": sites, **run_config},

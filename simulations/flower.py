@@ -65,7 +65,7 @@ def ray_tmpdir(preferred: Path) -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="fedfuse-ray-")), True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -109,7 +109,7 @@ def local_superlink_pid(port: int = 39091) -> int | None:
     return None
 
 
-def _flwr(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+def flwr_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, preexec_fn=die_with_parent(), **kwargs)
 
 
@@ -125,7 +125,7 @@ def run_simulation(run_dir: Path, run_config: dict, num_sites: int, cpus_per_sit
     home = subfolder(run_dir / "flwr-home")
     ray_tmp, own_ray_tmp = ray_tmpdir(run_dir / "ray")
     env = {**flower_env(home, ray_tmp), OWNER_ENV: str(run_dir.resolve())}
-    port = _free_port()
+    port = free_port()
     write_connection(home, f"127.0.0.1:{port}")
     log_path = run_dir / "flower.log"
     with open_log(log_path) as log:
@@ -168,7 +168,7 @@ def submit_and_follow(env: dict[str, str], overrides_path: Path, run_config: dic
     args = ["run", str(PROJECT_ROOT), "fedfuse", "--format", "json", "--run-config", str(overrides_path)]
     if federation_config:
         args += ["--federation-config", federation_config]
-    sub = _flwr(args, env, capture_output=True, timeout=300)
+    sub = flwr_cli(args, env, capture_output=True, timeout=300)
     on_submitted()
     try:
         run_id = json.loads(sub.stdout)["run-id"]
@@ -246,7 +246,7 @@ class ScreenLines:
 def _final_status(run_id: str, env: dict[str, str], log_path: Path, poll_s: float = 0.5) -> dict:
     """The run's status from ``flwr ls``, waiting while it is not finished (a log stream can end early)."""
     while True:
-        ls = _flwr(["ls", "fedfuse", "--run-id", str(run_id), "--format", "json"], env, capture_output=True,
+        ls = flwr_cli(["ls", "fedfuse", "--run-id", str(run_id), "--format", "json"], env, capture_output=True,
                    timeout=60)
         try:
             status = json.loads(ls.stdout)["runs"][0]
@@ -327,7 +327,7 @@ def flwr_run_local(extra_args: list[str]) -> int:
     env = flower_env(PROJECT_ROOT / ".flwr", ray_tmp)
     already = local_superlink_pid()
     try:
-        return _flwr(["run", ".", "local", "--stream", *extra_args], env, cwd=PROJECT_ROOT).returncode
+        return flwr_cli(["run", ".", "local", "--stream", *extra_args], env, cwd=PROJECT_ROOT).returncode
     finally:
         pid = local_superlink_pid()
         if pid is not None and pid != already:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared import explain, learner, privacy
+from shared import explain, learner
 from shared.cache import fingerprint, write_json
 from shared.config import Config, task_of
 from shared.data import Samples, concat, ehr_statistics, pooled_moments
 from shared.mimic import FEATURES
-from simulations.partition import simulated_site
+from shared.partition import site_samples
 
 REFERENCE = "pooled_reference.json"
 
@@ -91,9 +91,8 @@ def importance_reference(cfg: Config, run_dir: Path, metrics: dict) -> dict:
     n_sites = cfg.data.sites - (cfg.data.leave_out is not None)
     trains, rows = [], []
     for pid in range(n_sites):
-        index, _, train, test = simulated_site(cfg, pid, task, metrics.get("stain", {}).get("reference"))
-        if cfg.privacy.audit_fraction > 0:  # as the site trained: without its audit's non-members
-            train, _ = privacy.audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
+        index, _, train, test = site_samples(cfg, {"partition-id": pid}, task,  # as the site trained
+                                             metrics.get("stain", {}).get("reference"))
         trains.append(train)
         rows.append(explain.explained_rows(test, cfg.report.shap_rows, cfg.seed + index))  # as the site did
     rounds = sum(1 for r in metrics["rounds"] if "train_loss" in r)  # rounds that trained

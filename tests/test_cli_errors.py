@@ -6,7 +6,7 @@ import pytest
 
 from shared.config import Config, dump
 from simulations.cli import main
-from tests.test_predict import saved_model
+from tests.helpers import saved_model
 
 
 def error_line(capsys) -> str:

@@ -15,7 +15,7 @@ from shared.config import flatten, load
 from shared.mimic import FEATURES
 from shared.models import build_model
 from shared.serde import flatten_metrics
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def message(content: RecordDict, kind: str) -> Message:
 
 @pytest.fixture()
 def context(quick_data):
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(quick_data)))
     run_config = {"config": str(ROOT / "configs/quickstart.yaml"), **flatten(cfg), "train.local_epochs": 1}
     return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),

@@ -17,9 +17,9 @@ from shared.privacy import epsilon, read_ledger
 from shared.site_check import check_site
 from simulations.cli import main
 from simulations.deploy import Admissions, Federation, key_fingerprint, make_certs, make_keys
-from simulations.flower import _free_port
+from simulations.flower import free_port
 from simulations.synth import synth
-from tests.test_e2e import processes_mentioning
+from tests.helpers import processes_mentioning
 
 
 def test_certs_chain_to_the_ca_and_name_every_host(tmp_path):
@@ -94,15 +94,15 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
     foreign_ca = make_certs(tmp_path / "elsewhere", ["127.0.0.1"])["ca"]
     names = ["site-0", "site-1", "site-2", "intruder"]
     make_keys(keys, names)
-    with Federation(tmp_path / "processes", certs, port=_free_port()) as fed:
+    with Federation(tmp_path / "processes", certs, port=free_port()) as fed:
         fed.start_superlink(tmp_path / "coordinator" / "state.db")
         admissions = Admissions(tmp_path / "coordinator", fed.address)
         node = {n: admissions.admit(keys / f"{n}.pub") for n in names}
         assert admissions.revoke("intruder") == node["intruder"]
         for n in names[:3]:
-            fed.start_supernode(n, data / n, keys / n, _free_port())
-        intruder = fed.start_supernode("intruder", data / "site-0", keys / "intruder", _free_port(), max_retries=2)
-        wrong_ca = fed.start_supernode("wrong-ca", data / "site-0", keys / "site-0", _free_port(), ca=foreign_ca,
+            fed.start_supernode(n, data / n, keys / n, free_port())
+        intruder = fed.start_supernode("intruder", data / "site-0", keys / "intruder", free_port(), max_retries=2)
+        wrong_ca = fed.start_supernode("wrong-ca", data / "site-0", keys / "site-0", free_port(), ca=foreign_ca,
                                        max_retries=2)
         t0 = time.time()
         assert wrong_ca.wait(timeout=60) != 0 and time.time() - t0 < 60

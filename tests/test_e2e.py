@@ -1,7 +1,6 @@
 """End to end: `fedfuse simulate` runs the real Flower app in the simulation engine and cleans up."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -9,21 +8,6 @@ import pytest
 from simulations.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose environment, command line or working folder mentions ``text`` (our run folder is in FLWR_HOME;
-    Ray's agents rewrite their environment and title, but keep the run folder as their working folder)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
-            try:
-                if (text.encode() in (p / "environ").read_bytes() or text.encode() in (p / "cmdline").read_bytes()
-                        or text in os.readlink(p / "cwd")):
-                    found.append(int(p.name))
-            except OSError:
-                pass
-    return found
 
 
 @pytest.mark.e2e
@@ -41,9 +25,9 @@ def test_flwr_run_runs_the_same_app(quick_data, tmp_path):
     import subprocess
     import sys
 
-    from simulations.flower import _free_port, flower_env, local_superlink_pid, ray_tmpdir, stop_tree
+    from simulations.flower import flower_env, free_port, local_superlink_pid, ray_tmpdir, stop_tree
 
-    port = _free_port()
+    port = free_port()
     ray_tmp, _ = ray_tmpdir(tmp_path / "ray")
     env = {**flower_env(tmp_path / "flwr-home", ray_tmp), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
     run_dir = tmp_path / "run"

@@ -9,7 +9,7 @@ from shared.data import Samples
 from shared.evaluation import bootstrap_ci, matrix_row
 from shared.models import build_model
 from shared.train import train_epochs
-from tests.test_models_and_training import toy
+from tests.helpers import toy
 
 CLASSES = ("mitosis", "tumor", "non_tumor")
 

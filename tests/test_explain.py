@@ -8,10 +8,10 @@ import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 
 from client.app import app as client_app
-from client.wire import to_record
 from shared import explain, learner
 from shared.config import apply_overrides, flatten, load, task_of
 from shared.data import concat, ehr_statistics, load_site, pooled_moments
+from shared.wire import to_record
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/quickstart.yaml"

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-from opacus.accountants import RDPAccountant
 
 from client.app import BUDGET_EXHAUSTED, LOCAL_DP_REQUIRED
 from client.app import app as client_app
@@ -21,7 +20,8 @@ from shared.config import PrivacyConfig, apply_overrides, flatten, load
 from shared.data import Samples
 from shared.mimic import FEATURES
 from shared.models import build_model
-from simulations.cli import _absolute, main
+from simulations.cli import absolute_paths, main
+from tests.helpers import opacus_after
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 20.0  # what "refused within seconds" allows on a loaded machine; the accountant takes milliseconds
@@ -47,15 +47,6 @@ def deadline(seconds: float = DEADLINE_S):
 def samples() -> Samples:
     return Samples(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 2), np.float32), np.zeros(4, np.int64),
                    np.array(["a", "a", "b", "b"]))
-
-
-def opacus_after(entries: list[tuple[float, float, int]], delta: float = DELTA) -> float:
-    """A fresh Opacus accountant's epsilon, stepped once per optimiser step through ``entries`` in order."""
-    accountant = RDPAccountant()
-    for sigma, q, steps in entries:
-        for _ in range(steps):
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-    return accountant.get_epsilon(delta)
 
 
 @pytest.mark.parametrize(("entry", "why"), [
@@ -164,7 +155,7 @@ def test_a_coordinator_cannot_move_reset_or_raise_a_hospitals_ledger(quick_data,
     """The run config points the ledger at an empty folder and lifts the budget: the SuperNode keeps its own."""
     hospital = tmp_path / "hospital"
     shutil.copytree(quick_data / "site-0", hospital)
-    cfg = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
+    cfg = apply_overrides(absolute_paths(load(ROOT / "configs/quickstart.yaml")), {
         "data.root": str(quick_data), "train.steps": 2, "privacy.mode": "local", "privacy.epsilon": None,
         "privacy.noise_multiplier": 1.0, "privacy.ledger_dir": str(tmp_path / "empty"), "privacy.budget": 1e9})
     run_config = {"config": str(ROOT / "configs/quickstart.yaml"), **flatten(cfg)}
@@ -194,7 +185,7 @@ def test_a_hospital_with_a_budget_trains_only_under_local_dp_with_noise(quick_da
     """The hospital's privacy-budget, not the coordinator's privacy.mode, says its data trains under local DP."""
     hospital = tmp_path / "hospital"
     shutil.copytree(quick_data / "site-0", hospital)
-    base = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
+    base = apply_overrides(absolute_paths(load(ROOT / "configs/quickstart.yaml")), {
         "data.root": str(quick_data), "train.steps": 2, "privacy.mode": "local", "privacy.epsilon": None,
         "privacy.noise_multiplier": 1.0})
     node = {"data-dir": str(hospital), "site-name": "oslo", "privacy-budget": 50.0}

@@ -8,14 +8,14 @@ import pytest
 
 from shared.config import ConfigError, apply_overrides, load
 from shared.data import load_folder
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 from simulations.loso import run_loso
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_each_site_is_scored_by_a_model_it_never_trained(quick_data, tmp_path):
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, patch_size=32),

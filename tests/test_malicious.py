@@ -20,7 +20,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
-from client.wire import from_record, to_record
 from server.app import app as server_app
 from server.loop import MAX_GROWTH, Declared, check_evaluation, check_train_metrics, checked, checked_evaluation
 from server.record import RunRecord
@@ -29,7 +28,8 @@ from shared import learner
 from shared.config import apply_overrides, classes_of, flatten, load
 from shared.data import pooled_moments
 from shared.serde import flatten_metrics
-from simulations.cli import _absolute
+from shared.wire import from_record, to_record
+from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,7 @@ def tampered(attacks: dict[int, tuple[str, object]], seen: dict[tuple[int, str],
 
 def federate(quick_data, tmp_path, sites: int, attacks: dict, **overrides) -> tuple[dict, dict, dict]:
     """One round of the EHR model on ``sites`` sites re-dealt from the quick data: metrics.json, model, replies."""
-    cfg = apply_overrides(_absolute(load(CONFIG)), {
+    cfg = apply_overrides(absolute_paths(load(CONFIG)), {
         "data.root": str(quick_data), "data.sites": sites, "data.partition": "iid", "model.name": "mlp",
         "train.steps": 2, "federation.rounds": 1, "server.eval_data": None, "report.shap_rows": 0, **overrides})
     run_dir, seen = tmp_path / "run", {}

@@ -3,21 +3,9 @@ import pytest
 import torch
 
 from shared.config import ModelConfig, TrainConfig
-from shared.data import Samples
 from shared.models import build_model
 from shared.train import class_weights, predict, train_epochs
-
-
-def toy(n=48, seed=0) -> Samples:
-    """Bright centre = class 0, dark centre = class 1, grey = class 2; EHR feature 0 tracks the class."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    images = rng.integers(90, 110, (n, 32, 32, 3)).astype(np.uint8)
-    images[:, 12:20, 12:20] = np.array([250, 10, 128], np.uint8)[labels][:, None, None, None]
-    ehr = rng.normal(size=(n, 5)).astype(np.float32)
-    ehr[:, 0] += labels
-    ehr[0, 2] = np.nan
-    return Samples(images, ehr, labels.astype(np.int64), np.array([f"Case_{i % 4}" for i in range(n)]))
+from tests.helpers import toy
 
 
 @pytest.mark.parametrize("name", ["fusion", "late_fusion", "cnn", "resnet18", "mlp"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from simulations import paper as paper_mod
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 from simulations.paper import load_paper, run_paper
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def quick_paper(quick_data, tmp_path_factory):
     base, paper = load_paper(ROOT / "configs/paper.yaml", quick=True)
     out = tmp_path_factory.mktemp("paper")
-    base = _absolute(dataclasses.replace(base, data=dataclasses.replace(base.data, root=str(quick_data), sites=2)))
+    base = absolute_paths(dataclasses.replace(base, data=dataclasses.replace(base.data, root=str(quick_data), sites=2)))
     paper = dataclasses.replace(paper, out=str(out))
     return base, paper, run_paper(base, paper, echo=lambda line: None)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shared.config import DataConfig
-from simulations.partition import load_partition, partition_cases
+from shared.partition import load_partition, partition_cases
 
 
 def cohort(n_cases=24, seed=0):

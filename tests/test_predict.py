@@ -1,29 +1,12 @@
 """`fedfuse predict`: a row per patch with its position and probabilities, a mitotic count per tile."""
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
 
-from shared import learner
 from shared.brecahad import inspect
-from shared.config import Config, dump
 from simulations.cli import main
-
-
-def saved_model(tmp_path, quick_data, **model_changes) -> object:
-    cfg = Config()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(quick_data), patch_size=32),
-                              model=dataclasses.replace(cfg.model, **model_changes),
-                              federation=dataclasses.replace(
-                                  cfg.federation,
-                                  strategy="xgb_bagging" if model_changes.get("name") == "xgboost" else "fedavg"))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    weights, _ = learner.initial_weights(cfg, np.zeros(27, np.float32), np.ones(27, np.float32))
-    learner.save(cfg, weights, run_dir)
-    dump(cfg, run_dir / "config.yaml")
-    return run_dir
+from tests.helpers import saved_model
 
 
 def test_patch_predictions_and_mitotic_counts(tmp_path, quick_data, capsys):

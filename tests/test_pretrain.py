@@ -13,7 +13,7 @@ from shared.contrastive import nt_xent
 from shared.data import Samples, split_by_case, split_by_patch
 from shared.models import build_model, load_pretrained_weights
 from shared.pretrain import provenance_path, sha256_of, write_weights
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 from simulations.flower import federate
 from simulations.paper import load_experiment
 from simulations.pretrain import PretrainConfig, run_pretrain
@@ -98,7 +98,7 @@ def test_pretrain_writes_weights_whose_hash_and_provenance_a_run_records(quick_w
     path, provenance = quick_weights
     assert path.name == "cnn-supervised.safetensors" and provenance["sha256"] == sha256_of(path)
     assert provenance["steps"] == 3 and provenance["data"]["labels_used"] and "macro_auc" in provenance["public_test"]
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml", {
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml", {
         "data.root": str(quick_data), "data.sites": 2, "model.pretrained": str(path), "train.steps": 1,
         "federation.rounds": 1, "report.shap_rows": 0, "server.eval_data": None}))
     federate(cfg, tmp_path / "run", engine="inprocess")

@@ -13,24 +13,24 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from client.app import app as client_app
 from server.app import app as server_app
-from server.strategy import _accountant, central_noise
+from server.strategy import central_accountant, central_noise
 from shared import learner, privacy
 from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, flatten, load, task_of
 from shared.data import Samples, load_site
 from shared.mimic import FEATURES
 from shared.models import build_model
 from simulations import flower
-from simulations.cli import _absolute, main
+from simulations.cli import absolute_paths, main
 from simulations.inprocess import run_server
 from simulations.privacy_sweep import membership_auc, run_sweep
-from tests.test_ledger import opacus_after
+from tests.helpers import opacus_after
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 2  # optimiser steps a round: enough to account for, small enough for a test
 
 
 def dp_config(quick_data, tmp_path, model="fusion", rounds=2, **changes):
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     settings = {"model.name": model, "data.root": str(quick_data), "data.sites": 2, "train.steps": STEPS,
                 "federation.rounds": rounds, "server.eval_data": None, "privacy.mode": "local",
                 "privacy.ledger_dir": str(tmp_path / "ledgers"), "report.shap_rows": 0, **changes}
@@ -257,7 +257,7 @@ def test_central_dp_reports_flowers_accountant_and_meets_its_target(quick_data, 
     metrics = run(cfg, tmp_path / "run")
     central = metrics["privacy"]["central"]
     sigma = central_noise(8.0, 1e-5, 2)
-    accountant = _accountant(1e-5, 2, None)
+    accountant = central_accountant(1e-5, 2, None)
     accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=2, population_size=2), 2)
     assert central["releases"] == 2 and central["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert 7.9 < central["epsilon"] <= 8.0  # the noise is the least that meets the target
@@ -279,7 +279,7 @@ def test_central_dp_clips_each_sites_update(quick_data, tmp_path, clipping):
 
 
 def test_central_dp_stops_before_a_release_past_its_budget(quick_data, tmp_path):
-    accountant = _accountant(1e-5, 2, None)
+    accountant = central_accountant(1e-5, 2, None)
     accountant.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=2, population_size=2), 1)
     one = accountant.get_epsilon(1e-5)
     cfg = central_config(quick_data, tmp_path, rounds=3, **{"privacy.epsilon": None, "privacy.noise_multiplier": 2.0,
@@ -328,7 +328,7 @@ def test_audit_split_holds_out_whole_units_at_random():
 
 
 def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_path):
-    cfg = _absolute(apply_overrides(load(ROOT / "configs/quickstart.yaml"), {
+    cfg = absolute_paths(apply_overrides(load(ROOT / "configs/quickstart.yaml"), {
         "data.root": str(quick_data), "data.sites": 2, "train.steps": 2, "federation.rounds": 2}))
     table = run_sweep(cfg, [2.0, math.inf], [0], tmp_path / "sweep", "inprocess", echo=lambda line: None)
     text = table.read_text()

@@ -28,7 +28,7 @@ from shared.config import BRECAHAD_KEYS, Config, ConfigError, apply_overrides, f
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, REQUIRED, build_cohort
 from simulations.inprocess import run_server
-from tests.test_mimic import make_mimic
+from tests.helpers import make_mimic
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -15,18 +15,14 @@ import pytest
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from client.app import app as client_app
-from client.wire import from_record, to_record
 from server import checkpoint
-from server.app import app as server_app
 from server.loop import Declared, check_update, checked
-from shared.config import apply_overrides, flatten, load
-from simulations.cli import _absolute, main
-from simulations.inprocess import run_server
-from tests.test_e2e import processes_mentioning
+from shared.config import apply_overrides, load
+from shared.wire import from_record, to_record
+from simulations.cli import main
+from tests.helpers import CONFIG, federate, processes_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = str(ROOT / "configs/quickstart.yaml")
 
 
 def sent(node: int) -> Message:
@@ -87,17 +83,6 @@ def test_an_update_far_larger_than_the_rounds_median_is_rejected():
 def saved(run_dir: Path) -> dict:
     """The run's checkpoint, read as a resume reads it: checked against the run's own config."""
     return checkpoint.load(run_dir, load(run_dir / "config.yaml"))
-
-
-def federate(quick_data, tmp_path, overrides: dict) -> dict:
-    resume = overrides.pop("resume", "")
-    cfg = apply_overrides(_absolute(load(CONFIG)), {
-        "data.root": str(quick_data), "data.sites": 2, "data.patch_size": 32, "model.name": "cnn",
-        "train.steps": 2, "server.eval_data": str(quick_data / "holdout"), "report.shap_rows": 0, **overrides})
-    run_dir = tmp_path / "run"
-    run_config = {"config": CONFIG, "run-dir": str(run_dir), **flatten(cfg), "resume": resume}
-    run_server(server_app, client_app, run_config, num_nodes=2)
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_a_crash_a_hang_and_nan_weights_are_survived_and_recorded(quick_data, tmp_path, capsys):

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from simulations.cli import main
 from simulations.report import build
-from tests.test_reliability import federate
+from tests.helpers import federate
 
 FEDERATED_SHAP = "Federated SHAP (each site sends mean |SHAP| per feature and its row count)"
 

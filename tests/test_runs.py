@@ -29,7 +29,7 @@ from simulations.runs import (
     marker,
     processes,
 )
-from tests.test_e2e import processes_mentioning
+from tests.helpers import processes_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs/quickstart.yaml")

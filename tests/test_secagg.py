@@ -13,14 +13,14 @@ from server.app import app as server_app
 from shared import learner
 from shared.config import ConfigError, apply_overrides, flatten, load, task_of
 from shared.data import ehr_statistics, load_site, pooled_moments
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def secagg_config(quick_data, rounds=2, **changes):
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     return apply_overrides(cfg, {"model.name": "fusion", "data.root": str(quick_data), "data.sites": 2,
                                  "data.patch_size": 32, "train.steps": 3, "federation.rounds": rounds,
                                  "server.eval_data": None, "privacy.secure_aggregation": True, **changes})

@@ -12,7 +12,7 @@ from client.app import app as client_app
 from server.app import app as server_app
 from server.record import RunRecord
 from shared.config import flatten, load
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ CLASSES = ("mitosis", "tumor", "non_tumor")
 
 
 def run(quick_data, tmp_path, holdout: bool, **data_changes) -> dict:
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, **data_changes),
@@ -84,7 +84,7 @@ def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
 
     weights = tmp_path / "imagenet.pth"
     torch.save(resnet18().state_dict(), weights)
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, patch_size=32),

@@ -10,8 +10,8 @@ from shared import learner, stain
 from shared.brecahad import list_tiles, read_image
 from shared.config import apply_overrides, load
 from shared.data import load_folder
-from shared.train import _batch
-from tests.test_reliability import CONFIG, federate
+from shared.train import make_batch
+from tests.helpers import CONFIG, federate
 
 
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
@@ -57,8 +57,8 @@ def test_augmentation_changes_training_batches_but_never_evaluation(quick_data):
     cfg = apply_overrides(load(CONFIG), {"data.patch_size": 32, "model.name": "cnn", "train.hed_jitter": 0.2})
     samples = load_folder(quick_data / "site-0", cfg.data)
     idx = np.arange(16)
-    plain, _, _ = _batch(samples, idx, None, None)
-    augmented, _, _ = _batch(samples, idx, cfg.train, torch.Generator().manual_seed(0))
+    plain, _, _ = make_batch(samples, idx, None, None)
+    augmented, _, _ = make_batch(samples, idx, cfg.train, torch.Generator().manual_seed(0))
     assert (augmented - plain).abs().mean() > 0.01  # training sees jittered, rotated patches
     weights, _ = learner.initial_weights(cfg, np.zeros(27), np.ones(27))
     first, _ = learner.predict(cfg, weights, samples)

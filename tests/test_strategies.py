@@ -14,15 +14,15 @@ from server.strategy import STRATEGIES
 from shared.config import ModelConfig, TrainConfig, apply_overrides, flatten, load
 from shared.models import build_model
 from shared.train import train_epochs
-from simulations.cli import _absolute
+from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
-from tests.test_models_and_training import toy
+from tests.helpers import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def federate(quick_data, tmp_path, model: str, strategy: str, rounds: int, holdout: bool = False) -> dict:
-    cfg = _absolute(load(ROOT / "configs/quickstart.yaml"))
+    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, patch_size=32),
@@ -91,7 +91,7 @@ def test_adaptive_strategies_keep_every_site_with_unequal_sites(model, strategy,
     # Sites of unequal size weigh the untrained EHR scaling unequally: its FedAvg step moves it by a float32 ulp,
     # which FedAdam turns into a float64 global no float32 site can send back (FedYogi's global stays float32).
     # The server owns those arrays: it must not refuse every site from round 2.
-    cfg = apply_overrides(_absolute(load(ROOT / "configs/quickstart.yaml")), {
+    cfg = apply_overrides(absolute_paths(load(ROOT / "configs/quickstart.yaml")), {
         "data.root": str(quick_data), "data.sites": 2, "data.partition": "quantity", "data.alpha": 1.0,
         "data.patch_size": 32, "model.name": model, "train.steps": 2, "federation.rounds": 3,
         "federation.strategy": strategy, "server.eval_data": None, "report.shap_rows": 0})

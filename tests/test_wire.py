@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.wire import compact, expand
 from shared import learner
 from shared.config import ConfigError, apply_overrides, load
-from tests.test_reliability import CONFIG, federate
+from shared.wire import compact, expand
+from tests.helpers import CONFIG, federate
 
 
 def test_a_site_sends_its_trained_weights_in_half_the_bytes_and_the_server_restores_the_model():

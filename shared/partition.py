@@ -1,4 +1,6 @@
-"""Site partitions for simulation: which cases (patients) each simulated hospital holds.
+"""Which data a site holds: ``site_samples`` reads it from the site's node config (a hospital's folder, or a
+simulated site), the one place both the ClientApp and SecAgg's client get it; below, the partitions of
+simulation: which cases (patients) each simulated hospital holds.
 
 Every scheme assigns whole cases, never single patches, so one patient's
 patches are never at two sites. That is also its limit: a partition can only
@@ -18,12 +20,14 @@ nuclei; mitoses concentrate in a few high-grade patients).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from shared.config import Config, DataConfig
 from shared.data import Samples, load_pooled, load_site, split
+from shared.privacy import audit_split
 
 SCHEMES = ("iid", "dirichlet", "quantity")  # natural needs no dealing: a site is a folder
 
@@ -99,16 +103,37 @@ def natural_index(cfg: Config, partition_id: int) -> int:
     return [k for k in range(cfg.data.sites) if k != cfg.data.leave_out][partition_id]
 
 
-def simulated_site(cfg: Config, partition_id: int, task: str,
-                   stain_reference: list[float] | None = None) -> tuple[int, str, Samples, Samples]:
-    """Simulated SuperNode ``partition_id``'s site: (index, name, train, test); ``stain_reference`` as in load_site.
+def site_samples(cfg: Config, node_config: Mapping[str, object], task: str,
+                 stain_reference: list[float] | None = None) -> tuple[int, str, Samples, Samples]:
+    """The data a site holds, from its node config alone: (index, name, train, test); the one place both the
+    ClientApp and SecAgg's client get it. ``stain_reference`` as in ``shared.data.load_site``.
 
-    ``natural``: the ``site-<k>`` folders in order, skipping ``data.leave_out``;
-    otherwise the ``partition_id``-th group of cases re-dealt from them all.
+    * deployment: ``data-dir`` is the hospital's folder; ``site-index`` seeds its split, ``site-name`` names it;
+    * simulation: ``partition-id`` k holds ``<data.root>/site-<k>`` in order, skipping ``data.leave_out``
+      (``natural``), or the k-th group of cases re-dealt from them all.
+
+    With ``privacy.audit_fraction``, the membership audit's non-members are taken out of training here.
     """
-    if cfg.data.partition == "natural":
-        index = natural_index(cfg, partition_id)
+    if "data-dir" in node_config:
+        folder = Path(str(node_config["data-dir"]))
+        index = int(node_config.get("site-index", 0))
+        name = str(node_config.get("site-name", folder.name))
+        train, test = load_site(folder, cfg.data, cfg.seed + index, task, stain_reference)
+    elif cfg.data.partition == "natural":
+        index = natural_index(cfg, int(node_config["partition-id"]))
         name = f"site-{index}"
-        return index, name, *load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task, stain_reference)
-    train, test = load_partition(Path(cfg.data.root), cfg.data, partition_id, cfg.seed, task, stain_reference)
-    return partition_id, f"{cfg.data.partition}-{partition_id}", train, test
+        train, test = load_site(Path(cfg.data.root) / name, cfg.data, cfg.seed + index, task, stain_reference)
+    else:
+        index = int(node_config["partition-id"])
+        name = f"{cfg.data.partition}-{index}"
+        train, test = load_partition(Path(cfg.data.root), cfg.data, index, cfg.seed, task, stain_reference)
+    if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
+        train, _ = audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
+    return index, name, train, test
+
+
+def images_folder(cfg: Config, node_config: Mapping[str, object]) -> Path:
+    """A site's BreCaHAD folder, from its node config (as :func:`site_samples` finds its data)."""
+    if "data-dir" in node_config:
+        return Path(str(node_config["data-dir"])) / "BreCaHAD"
+    return Path(cfg.data.root) / f"site-{natural_index(cfg, int(node_config['partition-id']))}" / "BreCaHAD"

@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from shared.config import Config
+from shared.learner import bn_names, trained_names
 
 UNIFORM = "uniform-weight"  # central DP: the reply weight, 1 for every site, as Flower's accountant requires
 STAIN_REFERENCE = "stain-reference"  # in every message's config: the federation's stain statistics (shared/stain.py)
@@ -27,8 +28,6 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def compact(cfg: Config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What a site uploads: every array, or only the trained ones (``federation.upload``), never its BatchNorm
     layers under FedBN, floats as ``federation.upload_dtype``."""
-    from shared.learner import bn_names, trained_names
-
     if cfg.federation.upload == "trainable":
         keep = trained_names(cfg)
         weights = {k: v for k, v in weights.items() if k in keep}
@@ -44,8 +43,6 @@ def expand(cfg: Config, reference: dict[str, np.ndarray], update: dict[str, np.n
     """The server's side of :func:`compact`: untrained arrays (and, under FedBN, BatchNorm layers) a site left out
     are the global model's it was sent, float16 arrays go back to the global model's dtype. Anything else stays
     for the update check to judge."""
-    from shared.learner import bn_names, trained_names
-
     update = dict(update)
     kept_by_server = set()
     if cfg.federation.upload == "trainable":

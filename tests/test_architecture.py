@@ -1,0 +1,119 @@
+"""Imports run one way (docs/ARCHITECTURE.md): bench, simulations -> server, client -> shared.
+
+Checked on the source, with ``ast``: every import, at module level or inside a function (an import hidden
+in a function still ties the two modules together).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("shared", "server", "client", "simulations", "bench", "tests")
+ALLOWED = {  # what each package may import of the project
+    "shared": {"shared"},
+    "server": {"server", "shared"},
+    "client": {"client", "shared"},
+    "simulations": {"simulations", "server", "client", "shared"},
+    "bench": {"bench", "simulations", "server", "client", "shared"},
+    "tests": {"tests", "simulations", "server", "client", "shared", "bench"},
+}
+
+
+def project_imports(root: Path) -> dict[str, list[tuple[str, tuple[str, ...], int]]]:
+    """``{module: [(imported module, names taken from it, line)]}`` for every project module under ``root``."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            imports = []
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    imports += [(a.name, (), node.lineno) for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = tuple(a.name for a in node.names)
+                    # ``from shared import learner`` imports the module shared.learner
+                    imports += [(f"{node.module}.{n}", (), node.lineno) for n in names
+                                if (root / node.module.replace(".", "/") / f"{n}.py").is_file()]
+                    imports.append((node.module, names, node.lineno))
+            found[module] = [i for i in imports if i[0].split(".")[0] in PACKAGES]
+    return found
+
+
+def problems(root: Path) -> list[str]:
+    """Every import against the layers, of another module's underscore name, or of a test file by another; and
+    every import cycle."""
+    graph, found = {}, []
+    imports = project_imports(root)
+    for module, entries in imports.items():
+        package = module.split(".")[0]
+        for target, names, line in entries:
+            where = f"{module.replace('.', '/')}.py:{line}"
+            if target.split(".")[0] not in ALLOWED[package]:
+                found.append(f"{where}: {package}/ imports {target} (allowed: {', '.join(sorted(ALLOWED[package]))})")
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                found.append(f"{where}: imports {target}'s private {', '.join(private)}")
+            if package == "tests" and target.startswith("tests.test_"):
+                found.append(f"{where}: a test file imports another ({target}): shared helpers go in tests/helpers.py")
+            if target in imports and target != module:
+                graph.setdefault(module, set()).add(target)
+    found += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected group of modules (Tarjan), as a path that returns to its start."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [group + [group[0]] for group in groups]
+
+
+def test_imports_run_one_way_without_cycles_or_private_names():
+    assert problems(ROOT) == []
+
+
+def test_the_check_sees_each_kind_of_breach(tmp_path):
+    files = {
+        "shared/low.py": "from server.high import thing\n",              # a lower layer imports a higher one
+        "server/high.py": "def f():\n    from shared.low import _hidden\n",  # a private name (and a cycle)
+        "client/app.py": "import simulations.cli\n",                    # client imports simulations
+        "tests/test_a.py": "from tests.test_b import helper\n",           # a test imports a test
+        "tests/test_b.py": "helper = 1\n",
+        "simulations/cli.py": "x = 1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = problems(tmp_path)
+    assert any("shared/low.py:1: shared/ imports server.high" in p for p in found)
+    assert any("server/high.py:2: imports shared.low's private _hidden" in p for p in found)
+    assert any("client/app.py:1: client/ imports simulations.cli" in p for p in found)
+    assert any("tests/test_a.py:1: a test file imports another (tests.test_b)" in p for p in found)
+    assert "import cycle: server.high -> shared.low -> server.high" in found
+    assert len(found) == 5
