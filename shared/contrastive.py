@@ -69,7 +69,7 @@ def simclr(encoder: nn.Module, latent: int, images: np.ndarray, train: TrainConf
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % every == 0:
             echo(f"simclr step {step + 1}/{steps}: loss {np.mean(losses[-every:]):.3f}")
     return losses
