@@ -145,8 +145,15 @@ def _ensure_data(cfg: Config) -> None:
 def _paper(args: argparse.Namespace) -> int:
     from simulations.paper import load_paper, run_paper
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    base, paper = load_paper(Path(args.config), args.quick, models)
+    def listed(flag: str, kind=str) -> tuple | None:
+        text = getattr(args, flag)
+        try:
+            return tuple(kind(x.strip()) for x in text.split(",") if x.strip()) if text else None
+        except ValueError:
+            raise ValueError(f"--{flag} {text!r}: expected a comma-separated list of {kind.__name__}") from None
+
+    base, paper = load_paper(Path(args.config), args.quick, listed("models"), protocol=args.protocol,
+                             modes=listed("modes"), seeds=listed("seeds", int), out=args.out)
     base = absolute_paths(base)
     _ensure_data(base)
     started = time.time()
@@ -596,7 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("paper", help="the study's six models, trained pooled, federated and local: a table")
     pp.add_argument("--config", default="configs/paper.yaml", help="paper config (default configs/paper.yaml)")
-    pp.add_argument("--models", help="only these rows, e.g. cnn,resnet18 (default: the config's paper.models)")
+    pp.add_argument("--models", help="only these rows, e.g. cnn,resnet18 (default: the config's paper.models; with "
+                    "--protocol: paper.protocol.models)")
+    pp.add_argument("--modes", help="only these columns, e.g. pooled (default: the config's paper.modes)")
+    pp.add_argument("--seeds", help="these seeds, e.g. 0,1 (default: the config's paper.seeds; with --protocol: "
+                    "paper.protocol.seeds)")
+    pp.add_argument("--out", help="results folder (default: the config's paper.out); cells are cached in <out>/cells")
     pp.add_argument("--protocol", action="store_true", help="instead of the table: the study's protocol (patch split, "
                     "pairing by label) beside ours, pooled, for paper.protocol.models: protocol.md")
     pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")

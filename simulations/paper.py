@@ -76,6 +76,7 @@ class PaperConfig:
     """
 
     models: tuple[str, ...] = ("cnn", "resnet18", "mlp", "xgboost", "fusion", "late_fusion")  # the rows
+    modes: tuple[str, ...] = MODES  # the columns: some of pooled, federated, local
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -107,12 +108,24 @@ def load_experiment(path: Path, quick: bool, section: str, cls: type) -> tuple[C
     return base, settings
 
 
-def load_paper(path: Path, quick: bool, models: list[str] | None = None) -> tuple[Config, PaperConfig]:
-    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied;
-    ``models``: only these rows (``fedfuse paper --models``)."""
+def load_paper(path: Path, quick: bool, models: tuple[str, ...] | None = None, protocol: bool = False,
+               **changes: Any) -> tuple[Config, PaperConfig]:
+    """``base`` (a fedfuse config) and ``paper``; with ``quick``, ``quick.paper`` and ``quick.set`` applied.
+
+    ``models``: only these rows; ``changes``: other ``paper`` settings, None for the config's (``fedfuse paper
+    --models / --modes / --seeds / --out``). With ``protocol``, ``models`` and ``changes["seeds"]`` are the
+    protocol's (``paper.protocol``).
+    """
     base, paper = load_experiment(path, quick, "paper", PaperConfig)
-    if models:
-        paper = dataclasses.replace(paper, models=tuple(models))
+    changes = {k: v for k, v in {**changes, "models": models}.items() if v is not None}
+    if protocol:
+        mine = {k: changes.pop(k) for k in ("models", "seeds") if k in changes}
+        changes["protocol"] = dataclasses.replace(paper.protocol, **mine)
+    paper = dataclasses.replace(paper, **changes)
+    bad = [m for m in paper.modes if m not in MODES]
+    if bad or not paper.modes or not paper.seeds:
+        raise ConfigError(f"{path}: paper.modes {list(paper.modes)} / paper.seeds {list(paper.seeds)}: expected one "
+                          f"or more of {', '.join(MODES)}, and one or more seeds")
     rows = [*MODALITY, *paper.variants]
     wanted = sorted({*paper.models, *paper.protocol.models})
     unknown = [m for m in wanted if m not in rows or not NAME.fullmatch(m)]  # names become cell files
@@ -236,7 +249,7 @@ def run_paper(base: Config, paper: PaperConfig, echo=print) -> Path:
     data = data_fingerprint(base)
     results = {(row, mode): [cached_cell(row_config(base, paper, row, seed), paper, row, mode, data, echo)
                              for seed in paper.seeds]
-               for row in paper.models for mode in MODES}
+               for row in paper.models for mode in paper.modes}
     return write_table(base, paper, results, Path(paper.out))
 
 
@@ -278,8 +291,8 @@ def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> P
     """``paper_table.md`` and ``.csv``; each task's majority-class row first, the bar every model must clear."""
     lines, csv = [], ["model,modality,task,mode,metric,mean,std,ci95_low,ci95_high"]
     header = "| model | modality | task | " + " | ".join(
-        f"{mode} acc | {mode} macro AUC | {mode} mitosis / EHR AUC" for mode in MODES) + " |"
-    lines += [header, "|" + "---|" * (3 + 3 * len(MODES))]
+        f"{mode} acc | {mode} macro AUC | {mode} mitosis / EHR AUC" for mode in paper.modes) + " |"
+    lines += [header, "|" + "---|" * (3 + 3 * len(paper.modes))]
     described, majority_done = [], set()
     for row in paper.models:
         cfg = row_config(base, paper, row, 0)
@@ -289,10 +302,10 @@ def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> P
             majority_done.add(task)
             share = _majority_share(results[(row, "pooled")])
             lines.append(f"| majority class | none | {task_name} | "
-                         + " | ".join(f"{share:.3f} | 0.500 | 0.500" for _ in MODES) + " |")
+                         + " | ".join(f"{share:.3f} | 0.500 | 0.500" for _ in paper.modes) + " |")
         focus = f"auc.{focus_class(classes_of(cfg))}"
         cells = [row, modality, task_name]
-        for mode in MODES:
+        for mode in paper.modes:
             for key in ("accuracy", "macro_auc", focus):
                 mean, std, low, high = _summary(results[(row, mode)], key)
                 cells.append(f"{mean:.3f} ± {std:.3f}")

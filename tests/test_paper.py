@@ -81,3 +81,29 @@ def test_protocol_table_reuses_the_case_linked_cells_and_measures_the_by_label_l
     assert leak > 0.75  # by-label pairing writes the patch's class into its record
     csv = table.with_suffix(".csv").read_text().splitlines()
     assert len(csv) == 1 + 2 * 4
+
+
+def test_a_subset_by_rows_modes_and_seeds_reuses_the_cells_and_tables_only_them(quick_paper, tmp_path, monkeypatch,
+                                                                               capsys):
+    import yaml
+
+    from simulations.cli import main
+
+    base, paper, _ = quick_paper
+    raw = yaml.safe_load((ROOT / "configs/paper.yaml").read_text())
+    raw["quick"]["set"].update({"data.root": base.data.root, "data.sites": 2})
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(paper_mod, "run_cell", lambda *args: pytest.fail("a cached cell was trained again"))
+    assert main(["paper", "--config", str(config), "--quick", "--models", "fusion,cnn", "--modes", "pooled",
+                 "--seeds", "0", "--out", paper.out]) == 0
+    text = (Path(paper.out) / "paper_table.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].count(" macro AUC") == 1 and "pooled macro AUC" in rows[0]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["majority class", "fusion", "cnn"]
+    assert all(len(r.split("|")) == 2 + 3 + 3 for r in rows[1:])
+    capsys.readouterr()
+    assert main(["paper", "--config", str(config), "--quick", "--modes", "pooled,central"]) == 2
+    assert "paper.modes ['pooled', 'central']" in capsys.readouterr().err
+    assert main(["paper", "--config", str(config), "--quick", "--seeds", "0,one"]) == 2
+    assert "--seeds '0,one': expected a comma-separated list of int" in capsys.readouterr().err
