@@ -151,7 +151,7 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
     consistency) is left out of the run, with its reason printed; the run goes on while
     ``federation.min_sites`` remain.
     """
-    deadline = time.time() + 120
+    deadline = time.time() + cfg.federation.connect_timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < cfg.federation.min_sites and time.time() < deadline:
         time.sleep(1)
@@ -165,7 +165,7 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
         return _ehr_sums(reply, declared.examples), declared
 
     messages = [Message(RecordDict(), message_type="query.ehr_stats", dst_node_id=n) for n in nodes]
-    answers, left_out = _ask(grid, messages, 600, "the run", parse, lambda node: names.get(node, f"node {node}"))
+    answers, left_out = _ask(grid, messages, cfg.federation.setup_timeout, "the run", parse, lambda node: names.get(node, f"node {node}"))
     if len(answers) < cfg.federation.min_sites:
         raise RuntimeError(f"only {len(answers)} site(s) answered with usable statistics; federation.min_sites is "
                            f"{cfg.federation.min_sites}" + "".join(f"; {s}: {why}" for s, why in left_out.items()))
@@ -327,7 +327,7 @@ def _central_evaluation(cfg: Config, record: RunRecord, holdout: Samples | None,
             probs, loss = learner.predict(cfg, from_record(arrays), holdout)
             central = {**classification_metrics(holdout.labels, probs, classes), "loss": loss}
             if server_round == cfg.federation.rounds:  # the final model: 95 % intervals over patients
-                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=200, seed=cfg.seed)
+                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=cfg.server.bootstrap, seed=cfg.seed)
             record.round(server_round)["central"] = central
         record.close_round(server_round, cfg.federation.rounds)
 
@@ -375,14 +375,21 @@ def _finish(grid: Grid, cfg: Config, names: dict[int, str], record: RunRecord, a
     print(f"[fedfuse] outputs in {run_dir.resolve()}", flush=True)
 
 
+def _resumed(cfg: Config, run_dir: Path, context: Context) -> dict | None:
+    """The checkpoint to continue from when the run config says ``resume``; None for a fresh run."""
+    if str(context.run_config.get("resume", "")).lower() != "true":
+        return None
+    if cfg.privacy.secure_aggregation:
+        raise ValueError("resume: runs with privacy.secure_aggregation keep no checkpoint (Flower's SecAgg+ workflow "
+                         "owns its rounds)")
+    return checkpoint.load(run_dir, cfg)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(dict(context.run_config), APP_ROOT)
     run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
-    resumed = checkpoint.load(run_dir, cfg) if str(context.run_config.get("resume", "")).lower() == "true" else None
-    if resumed and cfg.privacy.secure_aggregation:
-        raise ValueError("resume: runs with privacy.secure_aggregation keep no checkpoint (Flower's SecAgg+ workflow "
-                         "owns its rounds)")
+    resumed = _resumed(cfg, run_dir, context)
     dump(cfg, run_dir / "config.yaml")
     started = time.time()
     names, sums, declared, left_stats = _site_statistics(grid, cfg)

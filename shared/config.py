@@ -113,6 +113,8 @@ class FederationConfig:
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end, in [0, 0.5)
     krum_malicious: int = 0  # krum: number of sites assumed malicious
     round_timeout: float = 600.0  # seconds the server waits for a round's replies; a later one counts as failed
+    connect_timeout: float = 120.0  # seconds the server waits at the start for min_sites sites to connect
+    setup_timeout: float = 600.0  # seconds for the sites' first answer (each loads, and may first extract, its data)
     # reject an update whose distance from the global model exceeds this multiple of the round's median (null: off)
     max_update_ratio: float | None = None
     # reject an update farther from the global model than this multiple of the norm of its trained weights (null:
@@ -130,9 +132,10 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What the server holds: a central test set, if any."""
+    """What the server holds: a central test set, if any; and how many resamples its final intervals take."""
 
     eval_data: str | None = "holdout"  # a hospital-layout folder; relative: inside data.root; null: none
+    bootstrap: int = 200  # resamples of patients for the final model's 95 % intervals on eval_data
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,8 @@ def _ranges(cfg: Config) -> list[tuple[str, bool, str]]:
         ("federation.tau", 0 < f.tau <= 1, "in (0, 1]"),
         ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
         ("federation.krum_malicious", 0 <= f.krum_malicious < d.sites, f"between 0 and data.sites - 1 ({d.sites - 1})"),
-        ("federation.round_timeout", 0 < f.round_timeout <= WEEK_S, f"positive, at most {WEEK_S:g} (a week, in seconds)"),
+        *((f"federation.{key}", 0 < getattr(f, key) <= WEEK_S, f"positive, at most {WEEK_S:g} (a week, in seconds)")
+          for key in ("round_timeout", "connect_timeout", "setup_timeout")),
         ("federation.max_update_ratio", f.max_update_ratio is None or 1 < f.max_update_ratio < math.inf,
          "above 1 and finite, or null"),
         ("federation.max_relative_update", f.max_relative_update is None or 0 < f.max_relative_update < math.inf,
@@ -414,6 +418,7 @@ def _ranges(cfg: Config) -> list[tuple[str, bool, str]]:
         ("privacy.secagg_clipping_range", 0 < p.secagg_clipping_range < math.inf, "positive and finite"),
         ("privacy.secagg_quantization_range", 2 <= p.secagg_quantization_range < 2**32, "between 2 and 2**32 - 1"),
         ("report.shap_rows", 0 <= cfg.report.shap_rows <= 1_000_000, "between 0 and 1000000"),
+        ("server.bootstrap", 1 <= cfg.server.bootstrap <= 100_000, "between 1 and 100000"),
         ("simulation.cpus_per_site", 0.01 <= cfg.simulation.cpus_per_site <= 1024, "between 0.01 and 1024"),
     ]
 
