@@ -165,7 +165,8 @@ def _site_statistics(grid: Grid, cfg: Config) -> tuple[dict[int, str], list[dict
         return _ehr_sums(reply, declared.examples), declared
 
     messages = [Message(RecordDict(), message_type="query.ehr_stats", dst_node_id=n) for n in nodes]
-    answers, left_out = _ask(grid, messages, cfg.federation.setup_timeout, "the run", parse, lambda node: names.get(node, f"node {node}"))
+    answers, left_out = _ask(grid, messages, cfg.federation.setup_timeout, "the run", parse,
+                             lambda node: names.get(node, f"node {node}"))
     if len(answers) < cfg.federation.min_sites:
         raise RuntimeError(f"only {len(answers)} site(s) answered with usable statistics; federation.min_sites is "
                            f"{cfg.federation.min_sites}" + "".join(f"; {s}: {why}" for s, why in left_out.items()))
