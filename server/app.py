@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from server import checkpoint, secagg
-from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, run_rounds
+from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, central_evaluation, run_rounds
 from server.record import RunRecord
 from server.strategy import BudgetSpent, build_strategy, site_error
 from shared import explain, learner, stain
@@ -45,8 +45,7 @@ from shared.config import (
     task_of,
 )
 from shared.data import Samples, load_folder, pooled_moments
-from shared.evaluation import bootstrap_ci
-from shared.metrics import classification_metrics, ehr_only_auc
+from shared.metrics import ehr_only_auc
 from shared.mimic import FEATURES
 from shared.wire import STAIN_REFERENCE, from_record, to_record
 
@@ -312,29 +311,6 @@ def _header(cfg: Config, names: dict[int, str], pretrained: dict | None, holdout
     return {**header, "privacy": privacy} if privacy is not None else header
 
 
-def _central_evaluation(cfg: Config, record: RunRecord, holdout: Samples | None,
-                        latest: dict) -> Callable[[int, ArrayRecord], None]:
-    """What closes each round: the server's own evaluation (when it has a test set), then the record's line.
-
-    It keeps the round's model in ``latest["arrays"]``: the model to save if the run stops early.
-    """
-    classes = classes_of(cfg)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> None:
-        latest["arrays"] = arrays
-        if server_round == 0:
-            return
-        if holdout is not None:
-            probs, loss = learner.predict(cfg, from_record(arrays), holdout)
-            central = {**classification_metrics(holdout.labels, probs, classes), "loss": loss}
-            if server_round == cfg.federation.rounds:  # the final model: 95 % intervals over patients
-                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=cfg.server.bootstrap, seed=cfg.seed)
-            record.round(server_round)["central"] = central
-        record.close_round(server_round, cfg.federation.rounds)
-
-    return evaluate
-
-
 def _announce(cfg: Config, names: dict[int, str], holdout: Samples | None, pretrained: dict | None,
               resumed: dict | None, run_dir: Path) -> None:
     """The run's first lines on screen: where it resumes or what it starts from, its sites and model."""
@@ -405,7 +381,7 @@ def main(grid: Grid, context: Context) -> None:
     record.left_out({"query.ehr_stats": left_stats, "query.stain": left_stain})
     _announce(cfg, names, holdout, pretrained, resumed, run_dir)
     latest = {"arrays": to_record(weights)}  # the model to keep if the run stops early
-    evaluate = _central_evaluation(cfg, record, holdout, latest)
+    evaluate = central_evaluation(cfg, record, holdout, latest)
     trained = learner.trained_names(cfg)
     strategy = build_strategy(cfg, record, names, trained)
     if resumed:

@@ -26,6 +26,8 @@ so that:
   sent, before the checks and the aggregation, so no site can move them and
   no rounding on their way back (FedAdam's float64 global model, sent back as
   float32) can cost an honest site its round;
+* the round closes with the server's own evaluation and the record's line
+  (:func:`central_evaluation`), then the caller's checkpoint;
 * replies are put in site order before aggregation (they arrive in any order,
   and a floating-point sum depends on its order);
 * the run stops cleanly, with the last good model, when fewer than
@@ -42,11 +44,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from server.record import RunRecord
 from server.strategy import PRIVACY_KEYS, note_failures
+from shared import learner
 from shared.config import TREE_STRATEGIES, Config, classes_of, compacted_upload
+from shared.data import Samples
+from shared.evaluation import bootstrap_ci
 from shared.learner import MAX_WEIGHT, bn_names, trained_names
+from shared.metrics import classification_metrics
 from shared.serde import flatten_metrics
-from shared.wire import UNIFORM, expand, to_record
+from shared.wire import UNIFORM, expand, from_record, to_record
 
 # Error codes of the replies the server makes up for a site (a site's own: 100 budget_exhausted, 103 local_dp_required)
 TIMEOUT = 101
@@ -375,6 +382,29 @@ def checked_evaluation(cfg: Config, sent: list[Message], replies: list[Message],
         out.append(Message(Error(REJECTED, f"rejected evaluation: {reason}"), reply_to=sent_to[node])
                    if reason is not None else m)
     return [m for m in out if m.metadata.src_node_id in sent_to]
+
+
+def central_evaluation(cfg: Config, record: RunRecord, holdout: Samples | None,
+                        latest: dict) -> Callable[[int, ArrayRecord], None]:
+    """What closes each round: the server's own evaluation (when it has a test set), then the record's line.
+
+    It keeps the round's model in ``latest["arrays"]``: the model to save if the run stops early.
+    """
+    classes = classes_of(cfg)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> None:
+        latest["arrays"] = arrays
+        if server_round == 0:
+            return
+        if holdout is not None:
+            probs, loss = learner.predict(cfg, from_record(arrays), holdout)
+            central = {**classification_metrics(holdout.labels, probs, classes), "loss": loss}
+            if server_round == cfg.federation.rounds:  # the final model: 95 % intervals over patients
+                central["ci95"] = bootstrap_ci(holdout, probs, classes, n=cfg.server.bootstrap, seed=cfg.seed)
+            record.round(server_round)["central"] = central
+        record.close_round(server_round, cfg.federation.rounds)
+
+    return evaluate
 
 
 def run_rounds(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, first: int, site_of: Callable[[int], str],

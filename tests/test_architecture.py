@@ -1,4 +1,5 @@
-"""Imports run one way (docs/ARCHITECTURE.md): bench, simulations -> server, client -> shared.
+"""Imports run one way (docs/ARCHITECTURE.md): bench, simulations -> server, client -> shared; Flower stays out
+of shared/ but for shared/wire.py.
 
 Checked on the source, with ``ast``: every import, at module level or inside a function (an import hidden
 in a function still ties the two modules together).
@@ -22,7 +23,8 @@ ALLOWED = {  # what each package may import of the project
 
 
 def project_imports(root: Path) -> dict[str, list[tuple[str, tuple[str, ...], int]]]:
-    """``{module: [(imported module, names taken from it, line)]}`` for every project module under ``root``."""
+    """``{module: [(imported module, names taken from it, line)]}`` for every project module under ``root``: its
+    imports of the project and of Flower."""
     found = {}
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
@@ -37,7 +39,7 @@ def project_imports(root: Path) -> dict[str, list[tuple[str, tuple[str, ...], in
                     imports += [(f"{node.module}.{n}", (), node.lineno) for n in names
                                 if (root / node.module.replace(".", "/") / f"{n}.py").is_file()]
                     imports.append((node.module, names, node.lineno))
-            found[module] = [i for i in imports if i[0].split(".")[0] in PACKAGES]
+            found[module] = [i for i in imports if i[0].split(".")[0] in (*PACKAGES, "flwr")]
     return found
 
 
@@ -50,6 +52,10 @@ def problems(root: Path) -> list[str]:
         package = module.split(".")[0]
         for target, names, line in entries:
             where = f"{module.replace('.', '/')}.py:{line}"
+            if target.split(".")[0] == "flwr":
+                if package == "shared" and module != "shared.wire":
+                    found.append(f"{where}: shared/ imports Flower (only shared/wire.py may: both apps' record types)")
+                continue
             if target.split(".")[0] not in ALLOWED[package]:
                 found.append(f"{where}: {package}/ imports {target} (allowed: {', '.join(sorted(ALLOWED[package]))})")
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
@@ -106,6 +112,7 @@ def test_the_check_sees_each_kind_of_breach(tmp_path):
         "tests/test_a.py": "from tests.test_b import helper\n",           # a test imports a test
         "tests/test_b.py": "helper = 1\n",
         "simulations/cli.py": "x = 1\n",
+        "shared/models.py": "from flwr.app import Message\n",               # Flower below the apps
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -116,4 +123,5 @@ def test_the_check_sees_each_kind_of_breach(tmp_path):
     assert any("client/app.py:1: client/ imports simulations.cli" in p for p in found)
     assert any("tests/test_a.py:1: a test file imports another (tests.test_b)" in p for p in found)
     assert "import cycle: server.high -> shared.low -> server.high" in found
-    assert len(found) == 5
+    assert any("shared/models.py:1: shared/ imports Flower" in p for p in found)
+    assert len(found) == 6
