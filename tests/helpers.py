@@ -18,8 +18,10 @@ from server.app import app as server_app
 from shared import learner
 from shared.config import Config, apply_overrides, dump, flatten, load
 from shared.data import Samples
+from shared.metrics import classification_metrics
 from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
+from simulations.predict import predict_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs/quickstart.yaml")
@@ -174,3 +176,14 @@ def federate(quick_data, tmp_path, overrides: dict) -> dict:
     run_config = {"config": CONFIG, "run-dir": str(run_dir), **flatten(cfg), "resume": resume}
     run_server(server_app, client_app, run_config, num_nodes=2)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def rescored(run_dir: Path, folder: Path) -> dict:
+    """The saved final model of ``run_dir`` scored again on ``folder`` through ``fedfuse predict``'s CSV: what a
+    run reports as its final central scores must be what its saved model scores."""
+    out, _ = predict_folder(run_dir, folder, run_dir.parent / f"{run_dir.name}-rescored.csv")
+    table = pd.read_csv(out)
+    classes = tuple(c[2:] for c in table.columns if c.startswith("p_"))
+    labels = (table["label"].to_numpy() if "label" in table else
+              np.array([classes.index(a) for a in table["annotated"]]))
+    return classification_metrics(labels, table[[f"p_{c}" for c in classes]].to_numpy(), classes)

@@ -60,8 +60,9 @@ def test_evaluate_replies_with_the_fixed_metric_keys(context):
     metrics = dict(reply.content["metrics"])
     expected = set(flatten_metrics({}, ("mitosis", "tumor", "non_tumor"))) | {"num-examples", "site-index"}
     assert set(metrics) == expected
-    assert metrics["site-index"] == 1 and 0 <= metrics["accuracy"] <= 1
-    assert sum(metrics["confusion"]) == metrics["num-examples"]
+    assert metrics["site-index"] == 1 and sum(metrics["confusion"]) == metrics["num-examples"]
+    confusion = np.reshape(metrics["confusion"], (3, 3))  # rows: the true class
+    assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / metrics["num-examples"])
 
 
 def test_query_shares_only_feature_sums(context):

@@ -16,7 +16,7 @@ from shared.models import build_model
 from shared.train import train_epochs
 from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
-from tests.helpers import toy
+from tests.helpers import rescored, toy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,12 +41,14 @@ def federate(quick_data, tmp_path, model: str, strategy: str, rounds: int, holdo
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_strategy_runs_two_rounds(strategy, quick_data, tmp_path):
     model = "xgboost" if strategy.startswith("xgb_") else "cnn"
-    metrics = federate(quick_data, tmp_path, model, strategy, rounds=2)
+    metrics = federate(quick_data, tmp_path, model, strategy, rounds=2, holdout=True)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert all(np.isfinite(r["train_loss"]) for r in metrics["rounds"])
     # FedXgbCyclic evaluates at the one site whose turn it is; the others at every site.
     assert all(len(r["sites"]) == (1 if strategy == "xgb_cyclic" else 2) for r in metrics["rounds"])
-    assert 0.0 <= metrics["final"]["macro_auc"] <= 1.0
+    again = rescored(tmp_path / "run", quick_data / "holdout")  # the saved model scores what the run reported
+    assert metrics["final"]["source"] == "central"
+    assert metrics["final"]["macro_auc"] == pytest.approx(again["macro_auc"], abs=1e-6)
 
 
 def above_chance(metrics: dict) -> float:
