@@ -61,15 +61,29 @@ def _site(context: Context, msg: Message | None = None, raw_stain: bool = False)
     """
     config = msg.content.config_records.get("config") if msg is not None else None
     stain_reference = tuple(config[STAIN_REFERENCE]) if config is not None and STAIN_REFERENCE in config else None
-    site = _load_site(tuple(sorted(context.run_config.items())), tuple(sorted(context.node_config.items())),
-                      stain_reference, raw_stain)
+    site = _load_site(_items(context.run_config), tuple(sorted(context.node_config.items())), stain_reference,
+                      raw_stain)
     torch.set_num_threads(site.cfg.train.threads)
     return site
 
 
+def _items(run_config) -> tuple:
+    return tuple(sorted(run_config.items()))
+
+
+def _config(context: Context) -> Config:
+    """The run's config: every message of a run carries the same run config, so it is parsed once a run."""
+    return _parsed(_items(context.run_config))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(run_config: tuple) -> Config:
+    return from_run_config(dict(run_config), APP_ROOT)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_site(run_config: tuple, node_config: tuple, stain_reference: tuple | None, raw_stain: bool) -> Site:
-    cfg = from_run_config(dict(run_config), APP_ROOT)
+    cfg = _parsed(run_config)
     if raw_stain and cfg.data.stain_norm == "none":  # the same data: one copy
         return _load_site(run_config, node_config, stain_reference, False)
     if raw_stain:
@@ -115,7 +129,7 @@ def _central_clipping(msg: Message, context: Context, call_next) -> Message:
 def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     """With ``privacy.secure_aggregation``, training speaks Flower's legacy SecAgg+ protocol (client/secagg.py)."""
     if msg.metadata.message_type == MessageType.TRAIN and \
-            from_run_config(dict(context.run_config), APP_ROOT).privacy.secure_aggregation:
+            _config(context).privacy.secure_aggregation:
         return SECAGG_APP(msg, context)
     return call_next(msg, context)
 
@@ -253,7 +267,7 @@ def shap_importance(msg: Message, context: Context) -> Message:
 @app.query("stain")
 def stain_statistics(msg: Message, context: Context) -> Message:
     """The mean stain statistics of this site's tiles and how many: the federated reference's inputs, nothing else."""
-    cfg = from_run_config(dict(context.run_config), APP_ROOT)
+    cfg = _config(context)
     folder = images_folder(cfg, context.node_config)
     images = (read_image(tile.image) for tile in list_tiles(folder))
     mean, n = stain.site_statistics(cfg.data.stain_norm, images, str(folder))

@@ -40,7 +40,7 @@ from shared.config import (
     dump,
     eval_data_path,
     focus_class,
-    from_run_config,
+    read_envelope,
     run_name,
     task_of,
 )
@@ -352,10 +352,8 @@ def _finish(grid: Grid, cfg: Config, names: dict[int, str], record: RunRecord, a
     print(f"[fedfuse] outputs in {run_dir.resolve()}", flush=True)
 
 
-def _resumed(cfg: Config, run_dir: Path, context: Context) -> dict | None:
-    """The checkpoint to continue from when the run config says ``resume``; None for a fresh run."""
-    if str(context.run_config.get("resume", "")).lower() != "true":
-        return None
+def _resumed(cfg: Config, run_dir: Path) -> dict:
+    """The checkpoint to continue from (the run config says ``resume``)."""
     if cfg.privacy.secure_aggregation:
         raise ValueError("resume: runs with privacy.secure_aggregation keep no checkpoint (Flower's SecAgg+ workflow "
                          "owns its rounds)")
@@ -364,9 +362,9 @@ def _resumed(cfg: Config, run_dir: Path, context: Context) -> dict | None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(dict(context.run_config), APP_ROOT)
-    run_dir = _run_dir(cfg, str(context.run_config.get("run-dir", "")))
-    resumed = _resumed(cfg, run_dir, context)
+    cfg, given_dir, resume = read_envelope(dict(context.run_config), APP_ROOT)
+    run_dir = _run_dir(cfg, given_dir)
+    resumed = _resumed(cfg, run_dir) if resume else None
     dump(cfg, run_dir / "config.yaml")
     started = time.time()
     names, sums, declared, left_stats = _site_statistics(grid, cfg)

@@ -714,6 +714,23 @@ def flatten(cfg: Config) -> dict[str, bool | int | float | str]:
     return out
 
 
+RUN_KEYS = ("config", "run-dir", "resume")  # a run config's keys besides the flat settings
+
+
+def run_envelope(cfg: Config, run_dir: Path | str, config: Path | str = "configs/quickstart.yaml",
+                 resume: bool = False) -> dict[str, bool | int | float | str]:
+    """The run config fedfuse hands Flower: the YAML ``config`` (absolute, or relative to the app's root), the run
+    folder, whether to resume, and every setting of ``cfg`` flat (a run config holds scalars only). The apps read
+    it back with :func:`read_envelope`."""
+    return {"config": str(config), "run-dir": str(run_dir), "resume": "true" if resume else "", **flatten(cfg)}
+
+
+def read_envelope(run_config: dict[str, Any], app_root: Path) -> tuple[Config, str, bool]:
+    """A run config, in either app: the config, the run folder ("" when none is set) and whether to resume."""
+    return (from_run_config(run_config, app_root), str(run_config.get("run-dir", "")),
+            str(run_config.get("resume", "")).lower() == "true")
+
+
 def from_run_config(run_config: dict[str, Any], app_root: Path) -> Config:
     """Rebuild the config inside a ServerApp or ClientApp.
 

@@ -22,10 +22,10 @@ from shared.config import (
     dump,
     eval_data_path,
     fixed_settings,
-    flatten,
     focus_class,
     load,
     parse_assignments,
+    run_envelope,
     run_name,
     settings_changed,
     task_of,
@@ -332,8 +332,7 @@ def _simulate(args: argparse.Namespace) -> int:
                 if args.seeds:
                     mark(folder, "run")
                 write_safely(folder / "config.yaml", partial(dump, run))
-                run_config = {"config": str(Path(args.config).resolve()), "run-dir": str(folder), **flatten(run),
-                              "resume": "true" if args.resume else ""}
+                run_config = run_envelope(run, folder, Path(args.config).resolve(), args.resume)
                 print(f"federated run '{cfg.name}' (seed {seed}): {cfg.data.sites} sites, model {cfg.model.name}, "
                       f"{cfg.federation.rounds} rounds -> {folder}" + (" (resumed)" if args.resume else ""),
                       flush=True)

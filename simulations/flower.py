@@ -15,6 +15,7 @@ log stream die with it (a parent-death signal) and the watchdog of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -282,11 +283,11 @@ def federate(cfg, run_dir: Path, engine: str = "simulation", echo=lambda line: N
     SuperNodes). ``run_dir`` is marked as a run and held (one writer)
     meanwhile. Raises :class:`SimulationError` if the run trained nothing.
     """
-    from shared.config import flatten
+    from shared.config import run_envelope
 
     run_dir = Path(run_dir).resolve()  # the apps run in another working directory
     # Experiments compare metrics: the end-of-run explanations (federated SHAP) are for a run's own report.
-    run_config = {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg), "report.shap_rows": 0}
+    run_config = run_envelope(dataclasses.replace(cfg, report=dataclasses.replace(cfg.report, shap_rows=0)), run_dir)
     n_sites = cfg.data.sites - (cfg.data.leave_out is not None)
     with hold(run_dir):
         mark(run_dir, "run")

@@ -16,7 +16,7 @@ from opacus.accountants import RDPAccountant
 from client.app import app as client_app
 from server.app import app as server_app
 from shared import learner
-from shared.config import Config, apply_overrides, dump, flatten, load
+from shared.config import Config, apply_overrides, dump, load, run_envelope
 from shared.data import Samples
 from shared.metrics import classification_metrics
 from simulations.cli import absolute_paths
@@ -173,7 +173,7 @@ def federate(quick_data, tmp_path, overrides: dict) -> dict:
         "data.root": str(quick_data), "data.sites": 2, "data.patch_size": 32, "model.name": "cnn",
         "train.steps": 2, "server.eval_data": str(quick_data / "holdout"), "report.shap_rows": 0, **overrides})
     run_dir = tmp_path / "run"
-    run_config = {"config": CONFIG, "run-dir": str(run_dir), **flatten(cfg), "resume": resume}
+    run_config = run_envelope(cfg, run_dir, CONFIG, resume == "true")
     run_server(server_app, client_app, run_config, num_nodes=2)
     return json.loads((run_dir / "metrics.json").read_text())
 

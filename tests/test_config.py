@@ -4,14 +4,16 @@ from pathlib import Path
 import pytest
 
 from shared.config import (
+    RUN_KEYS,
     Config,
     ConfigError,
     apply_overrides,
     flat_keys,
-    flatten,
     from_run_config,
     load,
     parse_assignments,
+    read_envelope,
+    run_envelope,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +62,12 @@ def test_set_overrides_parse_by_field_type():
         parse_assignments(["rounds"])
 
 
-def test_run_config_round_trip():
+def test_run_config_round_trip(tmp_path):
     cfg = apply_overrides(Config(), {"train.lr": "0.01", "data.cache_dir": "/tmp/c"})
-    run_config = {"config": str(ROOT / "configs/quickstart.yaml"), **flatten(cfg)}
+    run_config = run_envelope(cfg, tmp_path / "run", ROOT / "configs/quickstart.yaml", resume=True)
     assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
-    assert from_run_config(run_config, ROOT) == cfg
+    assert read_envelope(run_config, ROOT) == (cfg, str(tmp_path / "run"), True)
+    assert read_envelope({**run_config, "resume": ""}, ROOT)[2] is False
 
 
 def test_empty_run_config_value_means_as_in_yaml():
@@ -85,7 +88,7 @@ def test_pyproject_app_config_lists_every_setting_and_no_defaults():
                 yield f"{prefix}{k}", v
 
     items = dict(flat(app_config))
-    assert sorted(set(items) - {"config", "run-dir", "resume"}) == flat_keys()
+    assert sorted(set(items) - set(RUN_KEYS)) == flat_keys()
     assert all(v == "" for k, v in items.items() if k != "config")  # the YAML holds the defaults
 
 

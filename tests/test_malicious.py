@@ -25,7 +25,7 @@ from server.loop import MAX_GROWTH, Declared, check_evaluation, check_train_metr
 from server.record import RunRecord
 from server.strategy import build_strategy, site_error
 from shared import learner
-from shared.config import apply_overrides, classes_of, flatten, load
+from shared.config import apply_overrides, classes_of, load, run_envelope
 from shared.data import pooled_moments
 from shared.serde import flatten_metrics
 from shared.wire import from_record, to_record
@@ -283,7 +283,7 @@ def federate(quick_data, tmp_path, sites: int, attacks: dict, **overrides) -> tu
         "data.root": str(quick_data), "data.sites": sites, "data.partition": "iid", "model.name": "mlp",
         "train.steps": 2, "federation.rounds": 1, "server.eval_data": None, "report.shap_rows": 0, **overrides})
     run_dir, seen = tmp_path / "run", {}
-    run_server(server_app, tampered(attacks, seen), {"config": str(CONFIG), "run-dir": str(run_dir), **flatten(cfg)},
+    run_server(server_app, tampered(attacks, seen), run_envelope(cfg, run_dir),
                num_nodes=sites)
     model = torch.load(run_dir / "model.pt", weights_only=True)
     return json.loads((run_dir / "metrics.json").read_text()), model, seen

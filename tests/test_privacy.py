@@ -15,7 +15,7 @@ from client.app import app as client_app
 from server.app import app as server_app
 from server.strategy import central_accountant, central_noise
 from shared import learner, privacy
-from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, flatten, load, task_of
+from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, load, run_envelope, task_of
 from shared.data import Samples, load_site
 from shared.mimic import FEATURES
 from shared.models import build_model
@@ -38,8 +38,7 @@ def dp_config(quick_data, tmp_path, model="fusion", rounds=2, **changes):
 
 
 def run(cfg, run_dir: Path) -> dict:
-    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
-                                        **flatten(cfg)}, num_nodes=cfg.data.sites)
+    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=cfg.data.sites)
     return json.loads((run_dir / "metrics.json").read_text())
 
 

@@ -24,7 +24,17 @@ from PIL import Image
 from client.app import app as client_app
 from server.app import app as server_app
 from shared.brecahad import POINT_KEYS, read_image, read_points
-from shared.config import BRECAHAD_KEYS, Config, ConfigError, apply_overrides, flat_keys, flatten, from_dict, load, to_dict
+from shared.config import (
+    BRECAHAD_KEYS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    flat_keys,
+    from_dict,
+    load,
+    run_envelope,
+    to_dict,
+)
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, REQUIRED, build_cohort
 from simulations.inprocess import run_server
@@ -374,8 +384,7 @@ def test_a_drawn_setting_is_refused_by_its_key_or_runs_a_sane_federation(quick_d
     with warnings.catch_warnings(record=True) as caught:  # torch's or numpy's warning: a value gone silently wrong
         warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("always", RuntimeWarning)
-        run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
-                                            **flatten(cfg)}, num_nodes=2)
+        run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
     odd = sorted({f"{w.category.__name__}: {w.message}" for w in caught
                   if issubclass(w.category, (UserWarning, RuntimeWarning))})
     assert not odd, f"{key}={value!r}: {odd}"

@@ -11,7 +11,7 @@ from client.app import app as client_app
 from client.secagg import UnsafeUpdate, check_update
 from server.app import app as server_app
 from shared import learner
-from shared.config import ConfigError, apply_overrides, flatten, load, task_of
+from shared.config import ConfigError, apply_overrides, load, run_envelope, task_of
 from shared.data import ehr_statistics, load_site, pooled_moments
 from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
@@ -28,8 +28,7 @@ def secagg_config(quick_data, rounds=2, **changes):
 
 
 def run(cfg, run_dir: Path) -> dict:
-    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
-                                        **flatten(cfg)}, num_nodes=cfg.data.sites)
+    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=cfg.data.sites)
     return json.loads((run_dir / "metrics.json").read_text())
 
 

@@ -11,7 +11,7 @@ import pytest
 from client.app import app as client_app
 from server.app import app as server_app
 from server.record import RunRecord
-from shared.config import flatten, load
+from shared.config import load, run_envelope
 from simulations.cli import absolute_paths
 from simulations.inprocess import run_server
 
@@ -30,8 +30,7 @@ def run(quick_data, tmp_path, holdout: bool, **data_changes) -> dict:
         server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
     )
     run_dir = tmp_path / "run"
-    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
-                                        **flatten(cfg)}, num_nodes=2)
+    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -94,8 +93,7 @@ def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
         server=dataclasses.replace(cfg.server, eval_data=None),
     )
     run_dir = tmp_path / "run"
-    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
-                                        **flatten(cfg)}, num_nodes=2)
+    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["pretrained"]["path"] == str(weights) and "fc.weight" in metrics["pretrained"]["not_loaded"]
     model = build_model(cfg.model, len(FEATURES), 3)

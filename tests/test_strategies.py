@@ -11,7 +11,7 @@ import torch
 from client.app import app as client_app
 from server.app import app as server_app
 from server.strategy import STRATEGIES
-from shared.config import ModelConfig, TrainConfig, apply_overrides, flatten, load
+from shared.config import ModelConfig, TrainConfig, apply_overrides, load, run_envelope
 from shared.models import build_model
 from shared.train import train_epochs
 from simulations.cli import absolute_paths
@@ -33,8 +33,7 @@ def federate(quick_data, tmp_path, model: str, strategy: str, rounds: int, holdo
         server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
     )
     run_dir = tmp_path / "run"
-    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir),
-                                        **flatten(cfg)}, num_nodes=2)
+    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -98,7 +97,7 @@ def test_adaptive_strategies_keep_every_site_with_unequal_sites(model, strategy,
         "data.patch_size": 32, "model.name": model, "train.steps": 2, "federation.rounds": 3,
         "federation.strategy": strategy, "server.eval_data": None, "report.shap_rows": 0})
     run_dir = tmp_path / "run"
-    run_server(server_app, client_app, {"config": "configs/quickstart.yaml", "run-dir": str(run_dir), **flatten(cfg)},
+    run_server(server_app, client_app, run_envelope(cfg, run_dir),
                num_nodes=2)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     sizes = [site["n"] for site in metrics["rounds"][0]["sites"].values()]
