@@ -521,10 +521,8 @@ def seed_summary(finals: dict[int, dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedfuse", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _data_commands(sub) -> None:
+    """The subcommands synth, data inspect / cohort / baseline."""
     s = sub.add_parser("synth", help="generate hospitals in the BreCaHAD and MIMIC-IV layouts")
     s.add_argument("--out", required=True, help="folder to write site-<k>/ and holdout/ into")
     s.add_argument("--sites", type=int, default=3)
@@ -555,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="the run's seed: site k splits with seed + k (default 0)")
     b.set_defaults(func=_baseline)
 
+
+def _run_commands(sub) -> None:
+    """The subcommands simulate, loso, report, predict."""
     r = sub.add_parser("simulate", help="run a federated simulation (Flower's simulation engine)")
     r.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -584,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="CSV to write (patch task: also <name>-tiles.csv)")
     pr.set_defaults(func=_predict)
 
+
+def _experiment_commands(sub) -> None:
+    """The subcommands shift-study, pretrain, paper, privacy-sweep."""
     ss = sub.add_parser("shift-study", help="stain normalisation, stain augmentation and FedBN, each scored on "
                                              "hospitals left out of training: a table and a picture")
     ss.add_argument("--config", default="configs/shift_study.yaml",
@@ -623,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--quick", action="store_true", help="a small version: 2 rounds of 4 steps, in process")
     sw.set_defaults(func=_privacy_sweep)
 
+
+def _site_commands(sub) -> None:
+    """The subcommands privacy show / reset, site check, deploy."""
     pv = sub.add_parser("privacy", help="the sites' privacy ledgers: what each data set has spent")
     pvsub = pv.add_subparsers(dest="privacy_command", required=True)
     show = pvsub.add_parser("show", help="the cumulative epsilon of every ledger in a folder")
@@ -677,6 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a setting of configs/quickstart.yaml, e.g. --set federation.rounds=2")
     lc.set_defaults(func=_deploy_local)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfuse", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _data_commands(sub)
+    _run_commands(sub)
+    _experiment_commands(sub)
+    _site_commands(sub)
     return p
 
 
