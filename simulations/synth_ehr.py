@@ -127,6 +127,90 @@ def _ts(t: pd.Timestamp) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _admission_codes(rng: np.random.Generator, s: Subject, female: bool, flags: dict[str, bool], icd9: bool,
+                     a: int, index: int) -> list[tuple[str, int]]:
+    """The (ICD code, version) list of admission ``a``: comorbidities, filler, the breast cancer code at the
+    ``index`` admission, its history after it, family history and distractors, in MIMIC-IV's seq_num order."""
+    version = 9 if icd9 else 10
+    codes: list[tuple[str, int]] = []
+    for name, (c10, c9, _) in COMORBIDITIES.items():
+        if flags[name] and rng.random() < 0.8:
+            codes.append((c9 if icd9 else c10, version))
+    if rng.random() < 0.5:
+        codes.append(FILLER[0] if not icd9 else FILLER[1])
+    if s.positive and a == index:
+        code = BREAST_MALE[version] if not female else str(rng.choice(BREAST[version]))
+        codes.insert(int(rng.integers(0, len(codes) + 1)), (code, version))
+        if version == 10:
+            codes.append((str(rng.choice(ER_STATUS[10])), 10))
+    if s.positive and a > index:
+        codes.append((HISTORY[version], version))
+        codes.append((str(rng.choice(ER_STATUS[version])), version))
+    if rng.random() < 0.05:
+        codes.append((FAMILY[version], version))
+    if rng.random() < 0.04:
+        codes.append(DISTRACTORS[int(rng.integers(len(DISTRACTORS)))])
+    return codes
+
+
+def _admission_labs(rng: np.random.Generator, subject_id: int, hadm: int, admit: pd.Timestamp,
+                    disch: pd.Timestamp, lab_shift: dict[int, float], post: bool) -> list[dict]:
+    """labevents rows (without labevent_id) of one admission: one to three draws, each lab mostly measured;
+    ``post``: after the index admission, when treatment lowers them."""
+    rows = []
+    for _ in range(int(rng.integers(1, 4))):
+        t = admit + pd.Timedelta(hours=float(rng.uniform(1, (disch - admit).total_seconds() / 3600)))
+        for itemid, (_, _, _, unit, mean, sd, _) in LABS.items():
+            if rng.random() < 0.15:
+                continue
+            val = rng.normal(mean + lab_shift[itemid] - (0.8 * sd if post else 0.0), sd)
+            val = max(val, 0.05 * mean)
+            text = rng.random() < 0.01
+            rows.append({
+                "subject_id": subject_id, "hadm_id": hadm,
+                "specimen_id": int(rng.integers(1e7, 9e7)), "itemid": itemid,
+                "order_provider_id": "", "charttime": _ts(t), "storetime": _ts(t + pd.Timedelta(hours=1)),
+                "value": "___" if text else f"{val:.4g}", "valuenum": "" if text else f"{val:.4g}",
+                "valueuom": unit, "ref_range_lower": "", "ref_range_upper": "", "flag": "",
+                "priority": "ROUTINE", "comments": "",
+            })
+    return rows
+
+
+def _vitals(rng: np.random.Generator, subject_id: int, admit: pd.Timestamp, sbp0: float, bmi: float,
+            height_in: float) -> list[dict]:
+    """omr rows: the outpatient vitals of a visit in the month before an admission."""
+    day = (admit - pd.Timedelta(days=int(rng.integers(1, 30)))).strftime("%Y-%m-%d")
+    sbp = int(rng.normal(sbp0, 8))
+    bp = f"{sbp}/{int(sbp * rng.uniform(0.55, 0.7))}" if rng.random() > 0.02 else "130/"
+    weight_lb = bmi * (height_in**2) / 703.0 * rng.normal(1.0, 0.02)
+    return [{"subject_id": subject_id, "chartdate": day, "seq_num": seq, "result_name": name, "result_value": value}
+            for seq, (name, value) in enumerate([
+                ("Blood Pressure", bp),
+                ("BMI (kg/m2)", f"{weight_lb * 703.0 / height_in**2:.1f}"),
+                ("Weight (Lbs)", f"{weight_lb:.1f}"),
+                ("Height (Inches)", f"{height_in:.1f}"),
+            ], start=1)]
+
+
+def _outpatient_labs(rng: np.random.Generator, subject_id: int, start: pd.Timestamp,
+                     lab_shift: dict[int, float]) -> list[dict]:
+    """labevents rows (without labevent_id) of a blood count drawn outside any admission before the first."""
+    t = start - pd.Timedelta(days=int(rng.integers(5, 60)))
+    rows = []
+    for itemid in (51222, 51301):
+        mean, sd = LABS[itemid][4], LABS[itemid][5]
+        val = rng.normal(mean + lab_shift[itemid], sd)
+        rows.append({
+            "subject_id": subject_id, "hadm_id": "",
+            "specimen_id": int(rng.integers(1e7, 9e7)), "itemid": itemid, "order_provider_id": "",
+            "charttime": _ts(t), "storetime": _ts(t), "value": f"{val:.4g}", "valuenum": f"{val:.4g}",
+            "valueuom": LABS[itemid][3], "ref_range_lower": "", "ref_range_upper": "", "flag": "",
+            "priority": "ROUTINE", "comments": "",
+        })
+    return rows
+
+
 def write_hosp(root: Path, subjects: list[Subject], rng: np.random.Generator, *, id_base: int) -> None:
     """Write ``root/hosp/*.csv.gz`` for ``subjects``.
 
@@ -178,74 +262,21 @@ def write_hosp(root: Path, subjects: list[Subject], rng: np.random.Generator, *,
                 "edregtime": _ts(admit - pd.Timedelta(hours=3)) if ed else "",
                 "edouttime": _ts(admit) if ed else "", "hospital_expire_flag": 0,
             })
-            version = 9 if icd9 else 10
-            codes: list[tuple[str, int]] = []
-            for name, (c10, c9, _) in COMORBIDITIES.items():
-                if flags[name] and rng.random() < 0.8:
-                    codes.append((c9 if icd9 else c10, version))
-            if rng.random() < 0.5:
-                codes.append(FILLER[0] if not icd9 else FILLER[1])
-            if s.positive and a == index:
-                code = BREAST_MALE[version] if not female else str(rng.choice(BREAST[version]))
-                codes.insert(int(rng.integers(0, len(codes) + 1)), (code, version))
-                if version == 10:
-                    codes.append((str(rng.choice(ER_STATUS[10])), 10))
-            if s.positive and a > index:
-                codes.append((HISTORY[version], version))
-                codes.append((str(rng.choice(ER_STATUS[version])), version))
-            if rng.random() < 0.05:
-                codes.append((FAMILY[version], version))
-            if rng.random() < 0.04:
-                codes.append(DISTRACTORS[int(rng.integers(len(DISTRACTORS)))])
+            codes = _admission_codes(rng, s, female, flags, icd9, a, index)
             for seq, (code, ver) in enumerate(codes, start=1):
                 diagnoses.append({"subject_id": s.subject_id, "hadm_id": hadm, "seq_num": seq,
                                   "icd_code": code, "icd_version": ver})
             # After the index admission, treatment changes the labs.
-            post = s.positive and a > index
-            for _ in range(int(rng.integers(1, 4))):
-                t = admit + pd.Timedelta(hours=float(rng.uniform(1, (disch - admit).total_seconds() / 3600)))
-                for itemid, (_, _, _, unit, mean, sd, _) in LABS.items():
-                    if rng.random() < 0.15:
-                        continue
-                    labevent += 1
-                    val = rng.normal(mean + lab_shift[itemid] - (0.8 * sd if post else 0.0), sd)
-                    val = max(val, 0.05 * mean)
-                    text = rng.random() < 0.01
-                    labs.append({
-                        "labevent_id": labevent, "subject_id": s.subject_id, "hadm_id": hadm,
-                        "specimen_id": int(rng.integers(1e7, 9e7)), "itemid": itemid,
-                        "order_provider_id": "", "charttime": _ts(t), "storetime": _ts(t + pd.Timedelta(hours=1)),
-                        "value": "___" if text else f"{val:.4g}", "valuenum": "" if text else f"{val:.4g}",
-                        "valueuom": unit, "ref_range_lower": "", "ref_range_upper": "", "flag": "",
-                        "priority": "ROUTINE", "comments": "",
-                    })
-            # Outpatient vitals before the admission.
-            day = (admit - pd.Timedelta(days=int(rng.integers(1, 30)))).strftime("%Y-%m-%d")
-            sbp = int(rng.normal(sbp0, 8))
-            bp = f"{sbp}/{int(sbp * rng.uniform(0.55, 0.7))}" if rng.random() > 0.02 else "130/"
-            weight_lb = bmi * (height_in**2) / 703.0 * rng.normal(1.0, 0.02)
-            for seq, (name, value) in enumerate([
-                ("Blood Pressure", bp),
-                ("BMI (kg/m2)", f"{weight_lb * 703.0 / height_in**2:.1f}"),
-                ("Weight (Lbs)", f"{weight_lb:.1f}"),
-                ("Height (Inches)", f"{height_in:.1f}"),
-            ], start=1):
-                omr.append({"subject_id": s.subject_id, "chartdate": day, "seq_num": seq,
-                            "result_name": name, "result_value": value})
+            events = _admission_labs(rng, s.subject_id, hadm, admit, disch, lab_shift, s.positive and a > index)
+            for event in events:
+                labevent += 1
+                labs.append({"labevent_id": labevent, **event})
+            omr += _vitals(rng, s.subject_id, admit, sbp0, bmi, height_in)
         # Outpatient labs without an admission (empty hadm_id), around the first visit.
         if rng.random() < 0.3:
-            t = start - pd.Timedelta(days=int(rng.integers(5, 60)))
-            for itemid in (51222, 51301):
+            for event in _outpatient_labs(rng, s.subject_id, start, lab_shift):
                 labevent += 1
-                mean, sd = LABS[itemid][4], LABS[itemid][5]
-                val = rng.normal(mean + lab_shift[itemid], sd)
-                labs.append({
-                    "labevent_id": labevent, "subject_id": s.subject_id, "hadm_id": "",
-                    "specimen_id": int(rng.integers(1e7, 9e7)), "itemid": itemid, "order_provider_id": "",
-                    "charttime": _ts(t), "storetime": _ts(t), "value": f"{val:.4g}", "valuenum": f"{val:.4g}",
-                    "valueuom": LABS[itemid][3], "ref_range_lower": "", "ref_range_upper": "", "flag": "",
-                    "priority": "ROUTINE", "comments": "",
-                })
+                labs.append({"labevent_id": labevent, **event})
 
     hosp = root / "hosp"
     _write_gz_csv(pd.DataFrame(patients), hosp / "patients.csv.gz")
