@@ -472,27 +472,9 @@ def _choose(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.nd
     return order[:k], order[k:]
 
 
-def render_tile(
-    rng: np.random.Generator, spec: TileSpec, style: SiteStyle, grade: float
-) -> tuple[np.ndarray, dict[str, list[dict[str, float]]]]:
-    """Render one H&E tile and its ground truth.
-
-    Returns
-    -------
-    image
-        ``(height, width, 3)`` uint8 RGB.
-    points
-        The seven BreCaHAD keys, in order, each a list of ``{"x", "y"}``
-        centres normalised to [0, 1]. ``non_mitosis`` is always empty, as in
-        the real data set.
-    """
-    w, h = spec.width, spec.height
-    half = ((h + 1) // 2, (w + 1) // 2)
-    counts = {k: int(rng.poisson(getattr(spec, f"n_{k}"))) for k in ("tumor", "non_tumor", "apoptosis", "lumen",
-                                                                     "non_lumen")}
-    counts["mitosis"] = int(rng.poisson(spec.n_mitosis * np.exp(0.8 * grade - 0.32)))
-
-    # --- Regions (half resolution): tissue vs glass/fat, tumour nests and cords vs stroma, lumens.
+def _regions(rng: np.random.Generator, w: int, h: int, half: tuple[int, int], n_lumens: int):
+    """The tile's regions at half resolution: tissue (or glass and fat beyond its edge), tumour nests and cords,
+    lumens (centre, axes, angle) and their opening, and the stroma's fibre direction."""
     tissue = np.ones(half, bool)
     fat = rng.random() < 0.5
     if rng.random() < 0.3:  # the tissue's edge crosses this tile
@@ -509,8 +491,8 @@ def render_tile(
     depth = ndimage.distance_transform_edt(tumour) * 2  # px from the nest's edge, full-resolution units
     lumens = []
     candidates = np.argwhere(depth > 45)
-    for _ in range(counts["lumen"] * 3):
-        if len(lumens) >= counts["lumen"] or not len(candidates):
+    for _ in range(n_lumens * 3):
+        if len(lumens) >= n_lumens or not len(candidates):
             break
         cy, cx = (candidates[rng.integers(len(candidates))] * 2).astype(float) + 1
         if all(np.hypot(cx - lx, cy - ly) > 90 for lx, ly, *_ in lumens):
@@ -522,10 +504,15 @@ def render_tile(
             u = ((xx - lx) * np.cos(t) + (yy - ly) * np.sin(t)) / a
             v = (-(xx - lx) * np.sin(t) + (yy - ly) * np.cos(t)) / b
             hole = np.maximum(hole, special.expit((1.0 - u**2 - v**2) * 6))
-    stroma = tissue & ~tumour
     theta_field = np.pi * _smooth_field(rng, half, 60.0)
 
-    # --- Cells.
+    return tissue, fat, tumour, lumens, hole, theta_field
+
+
+def _tumour_cells(rng: np.random.Generator, w: int, h: int, grade: float, tissue: np.ndarray, tumour: np.ndarray,
+                  hole: np.ndarray):
+    """Tumour cells packed in the nests, and invading ones out in the stroma: cell centres, nucleus centres,
+    each half-resolution pixel's cell (a Voronoi map), and the nest map trimmed to where cells are."""
     spacing = CELL_SPACING * float(np.clip(1.0 + 0.05 * grade, 0.9, 1.15))
     grid = _jittered_grid(rng, w, h, spacing, 0.28)
     cell_pts = grid[_at(tumour, grid, 2) & (_at(hole, grid, 2) < 0.2)]
@@ -539,8 +526,14 @@ def render_tile(
     labels, reach = _voronoi(cell_pts, (h, w))
     # A nest is where its cells are: strips of the nest map too thin to hold a cell go back to stroma.
     tumour = (tumour & (reach < 0.7 * spacing)) | (reach < 0.45 * spacing)
-    stroma = tissue & ~tumour
-    depth = ndimage.distance_transform_edt(tumour) * 2
+    return cell_pts, nuc_pts, labels, tumour
+
+
+def _stromal_cells(rng: np.random.Generator, w: int, h: int, half: tuple[int, int], tissue: np.ndarray,
+                   tumour: np.ndarray, stroma: np.ndarray, depth: np.ndarray, hole: np.ndarray) -> dict:
+    """The stroma's cells: fibroblasts, lymphocytes (clusters at the nests' edge, some in the nests), plasma
+    cells, histiocytes, myoepithelial cells on in-situ rims, capillaries (endothelium, red cells, lumen); and
+    each pixel's distance from the nests (``near``)."""
     stroma_area = stroma.sum() * 4
     fib = _jittered_grid(rng, w, h, 70.0, 0.45)
     fib = fib[_at(stroma, fib, 2) & (rng.random(len(fib)) < 0.6)]
@@ -601,24 +594,17 @@ def render_tile(
         ring = np.concatenate(ring)
         endo, endo_theta, rbc = ring[:, :2], ring[:, 2], np.concatenate(cells)
 
-    # --- Which cells carry an annotation, and what the special ones become.
-    n_cells = len(nuc_pts)
-    chosen, rest = _choose(rng, n_cells, counts["mitosis"] + counts["apoptosis"])
-    mit_idx, apo_idx = chosen[: counts["mitosis"]], chosen[counts["mitosis"] :]
-    ordinary = np.sort(rest)
-    extra_apo = ordinary[rng.random(len(ordinary)) < 0.012]  # unannotated apoptotic bodies
-    ordinary = np.setdiff1d(ordinary, extra_apo)
-    tum_pick, _ = _choose(rng, len(ordinary), counts["tumor"])
-    tum_idx = ordinary[tum_pick]
-    mit_pts, apo_pts = nuc_pts[mit_idx], nuc_pts[apo_idx]
-    # Annotators mark the non-tumour cells of the tumour's field (infiltrating lymphocytes, the stroma between
-    # nests) far more often than those deep in stroma a field away.
-    non_pool = np.concatenate([lymph_pts, fib, plasma_pts, endo, hist_pts, myo_pts])
-    weight = np.exp(-_at(near, non_pool, 2) / 60.0)
-    non_pick = rng.choice(len(non_pool), min(counts["non_tumor"], len(non_pool)), replace=False,
-                          p=weight / weight.sum()) if len(non_pool) else np.zeros(0, int)
-    non_pts = non_pool[non_pick]
+    return {"fib": fib, "near": near, "lymph": lymph_pts, "plasma": plasma_pts, "hist": hist_pts, "myo": myo_pts,
+            "myo_theta": myo_theta, "endo": endo, "endo_theta": endo_theta, "rbc": rbc, "vessel_hole": vessel_hole}
 
+
+def _stain_densities(rng: np.random.Generator, w: int, h: int, half: tuple[int, int], theta_field: np.ndarray,
+                     cell_pts: np.ndarray, labels: np.ndarray, special: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     tumour: np.ndarray, depth: np.ndarray, tissue: np.ndarray, fat: bool, hole: np.ndarray,
+                     vessel_hole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin densities at half resolution, before any nucleus: ``special`` holds the
+    mitotic, apoptotic and unannotated apoptotic cells' indices, whose cytoplasm differs."""
+    mit_idx, apo_idx, extra_apo = special
     # --- Stains. Eosin: stroma with fibres, tumour cytoplasm with cell borders, clefts, lumens, glass / fat.
     fib_tex = _fibres(rng, half, theta_field)
     # How eosinophilic the stroma and the tumour cytoplasm are varies from tumour to tumour (dense collagen or
@@ -651,40 +637,12 @@ def render_tile(
     h_half = np.where(tumour, 0.07, 0.04) + 0.015 * _smooth_field(rng, half, 10.0)
     h_half = np.where(tissue, h_half, 0.004) * (1 - 0.9 * hole)
 
-    H = _up(h_half.astype(np.float32), (h, w))
-    E = _up(e_half.astype(np.float32), (h, w))
-    # Halos: mitoses and some ordinary tumour cells (fixation retraction) clear; apoptotic bodies sit in one.
-    halo_idx = np.concatenate([mit_idx[rng.random(len(mit_idx)) < 0.6], apo_idx, extra_apo,
-                               ordinary[rng.random(len(ordinary)) < 0.25]])
-    _halo(E, nuc_pts[halo_idx, 0], nuc_pts[halo_idx, 1], rng.uniform(8, 13, len(halo_idx)).astype(np.float32),
-          np.full(len(halo_idx), -0.1, np.float32))
-    # Red cells: eosin discs, paler in the middle.
-    _draw(rng, E, _nuclei(len(rbc), x=rbc[:, 0], y=rbc[:, 1], r=rng.uniform(5.5, 7.0, len(rbc)),
-                          aspect=rng.uniform(1.0, 1.3, len(rbc)), theta=rng.uniform(0, np.pi, len(rbc)),
-                          density=0.45, rim=0.8, edge=0.7))
+    return h_half, e_half
 
-    # Haematoxylin: every nucleus, annotated or not, drawn the same way.
-    plain = np.setdiff1d(np.arange(n_cells), np.concatenate([mit_idx, apo_idx, extra_apo]))
-    tables = [
-        _tumour_nuclei(rng, nuc_pts[plain, 0], nuc_pts[plain, 1], grade),
-        _lymphocytes(rng, lymph_pts[:, 0], lymph_pts[:, 1]),
-        _plasma_cells(rng, plasma_pts[:, 0], plasma_pts[:, 1]),
-        _histiocytes(rng, hist_pts[:, 0], hist_pts[:, 1]),
-        _spindles(rng, myo_pts[:, 0], myo_pts[:, 1], myo_theta, plump=True),
-        _spindles(rng, fib[:, 0], fib[:, 1], _at(theta_field, fib, 2)),
-        _spindles(rng, endo[:, 0], endo[:, 1], endo_theta, plump=True),
-        _mitoses(rng, mit_pts[:, 0], mit_pts[:, 1]),
-        _apoptotic_bodies(rng, np.concatenate([apo_pts[:, 0], nuc_pts[extra_apo, 0]]),
-                          np.concatenate([apo_pts[:, 1], nuc_pts[extra_apo, 1]])),
-    ]
-    # Out-of-focus nuclei from the section's other planes: faint, soft, anywhere in the tissue.
-    n_blur = int(rng.poisson(w * h / 25_000))
-    bpts = np.column_stack([rng.uniform(0, w, n_blur), rng.uniform(0, h, n_blur)])
-    bpts = bpts[_at(tissue, bpts, 2)]
-    tables.append(_nuclei(len(bpts), x=bpts[:, 0], y=bpts[:, 1], r=rng.uniform(5, 10, len(bpts)),
-                          density=rng.uniform(0.15, 0.35, len(bpts)), edge=2.0))
-    _draw(rng, H, _join(tables))
 
+def _scan(rng: np.random.Generator, H: np.ndarray, E: np.ndarray, hole: np.ndarray, style: SiteStyle) -> np.ndarray:
+    """The slide as the site's scanner sees it: section thickness, stain vectors, optics, noise, JPEG."""
+    h, w = H.shape
     keep = 1.0 - 0.92 * _up(hole, (h, w))
     thickness = rng.uniform(0.85, 1.15)  # section thickness and staining time vary from slide to slide
     Hs = np.clip(H * keep * (style.h_scale * thickness), 0, 4)
@@ -701,6 +659,14 @@ def render_tile(
         Image.fromarray(image).save(buf, format="JPEG", quality=style.jpeg_quality)
         image = np.asarray(Image.open(buf).convert("RGB"))
 
+    return image
+
+
+def _points(rng: np.random.Generator, w: int, h: int, counts: dict[str, int], nuc_pts: np.ndarray,
+            picked: dict[str, np.ndarray], lumens: list, tumour: np.ndarray, depth: np.ndarray,
+            hole: np.ndarray) -> dict[str, list[dict[str, float]]]:
+    """The seven BreCaHAD keys' points, normalised to [0, 1], with the annotators' disagreement."""
+    tum_idx, non_pts, mit_pts, apo_pts = picked["tumor"], picked["non_tumor"], picked["mitosis"], picked["apoptosis"]
     # Annotator disagreement: a few tumour / non-tumour calls go the other way, as between real pathologists.
     tum_pts = nuc_pts[tum_idx]
     flip_t = rng.random(len(tum_pts)) < ANNOTATION_NOISE
@@ -726,4 +692,88 @@ def render_tile(
         "lumen": norm(lumen_pts),
         "non_lumen": norm(non_lumen_pts),
     }
-    return image, points
+    return points
+
+
+def _non_tumour_annotations(rng: np.random.Generator, n: int, other: dict) -> np.ndarray:
+    """The ``n`` non-tumour cells annotators mark: those of the tumour's field (infiltrating lymphocytes, the
+    stroma between nests) far more often than those deep in stroma a field away."""
+    pool = np.concatenate([other[k] for k in ("lymph", "fib", "plasma", "endo", "hist", "myo")])
+    weight = np.exp(-_at(other["near"], pool, 2) / 60.0)
+    pick = rng.choice(len(pool), min(n, len(pool)), replace=False, p=weight / weight.sum()) if len(pool) \
+        else np.zeros(0, int)
+    return pool[pick]
+
+
+def render_tile(
+    rng: np.random.Generator, spec: TileSpec, style: SiteStyle, grade: float
+) -> tuple[np.ndarray, dict[str, list[dict[str, float]]]]:
+    """One H&E tile, ``(height, width, 3)`` uint8 RGB, and its ground truth: the seven BreCaHAD keys in order,
+    each a list of ``{"x", "y"}`` centres normalised to [0, 1] (``non_mitosis`` always empty, as in the real data).
+    """
+    w, h = spec.width, spec.height
+    half = ((h + 1) // 2, (w + 1) // 2)
+    counts = {k: int(rng.poisson(getattr(spec, f"n_{k}"))) for k in ("tumor", "non_tumor", "apoptosis", "lumen",
+                                                                     "non_lumen")}
+    counts["mitosis"] = int(rng.poisson(spec.n_mitosis * np.exp(0.8 * grade - 0.32)))
+
+    tissue, fat, tumour, lumens, hole, theta_field = _regions(rng, w, h, half, counts["lumen"])
+    cell_pts, nuc_pts, labels, tumour = _tumour_cells(rng, w, h, grade, tissue, tumour, hole)
+    stroma = tissue & ~tumour
+    depth = ndimage.distance_transform_edt(tumour) * 2
+    other = _stromal_cells(rng, w, h, half, tissue, tumour, stroma, depth, hole)
+    fib, lymph_pts, plasma_pts, hist_pts, myo_pts, endo, rbc = (other[k] for k in (
+        "fib", "lymph", "plasma", "hist", "myo", "endo", "rbc"))
+
+    # --- Which cells carry an annotation, and what the special ones become.
+    n_cells = len(nuc_pts)
+    chosen, rest = _choose(rng, n_cells, counts["mitosis"] + counts["apoptosis"])
+    mit_idx, apo_idx = chosen[: counts["mitosis"]], chosen[counts["mitosis"] :]
+    ordinary = np.sort(rest)
+    extra_apo = ordinary[rng.random(len(ordinary)) < 0.012]  # unannotated apoptotic bodies
+    ordinary = np.setdiff1d(ordinary, extra_apo)
+    tum_pick, _ = _choose(rng, len(ordinary), counts["tumor"])
+    tum_idx = ordinary[tum_pick]
+    mit_pts, apo_pts = nuc_pts[mit_idx], nuc_pts[apo_idx]
+    non_pts = _non_tumour_annotations(rng, counts["non_tumor"], other)
+
+    h_half, e_half = _stain_densities(rng, w, h, half, theta_field, cell_pts, labels, (mit_idx, apo_idx, extra_apo),
+                                      tumour, depth, tissue, fat, hole, other["vessel_hole"])
+
+    H = _up(h_half.astype(np.float32), (h, w))
+    E = _up(e_half.astype(np.float32), (h, w))
+    # Halos: mitoses and some ordinary tumour cells (fixation retraction) clear; apoptotic bodies sit in one.
+    halo_idx = np.concatenate([mit_idx[rng.random(len(mit_idx)) < 0.6], apo_idx, extra_apo,
+                               ordinary[rng.random(len(ordinary)) < 0.25]])
+    _halo(E, nuc_pts[halo_idx, 0], nuc_pts[halo_idx, 1], rng.uniform(8, 13, len(halo_idx)).astype(np.float32),
+          np.full(len(halo_idx), -0.1, np.float32))
+    # Red cells: eosin discs, paler in the middle.
+    _draw(rng, E, _nuclei(len(rbc), x=rbc[:, 0], y=rbc[:, 1], r=rng.uniform(5.5, 7.0, len(rbc)),
+                          aspect=rng.uniform(1.0, 1.3, len(rbc)), theta=rng.uniform(0, np.pi, len(rbc)),
+                          density=0.45, rim=0.8, edge=0.7))
+
+    # Haematoxylin: every nucleus, annotated or not, drawn the same way.
+    plain = np.setdiff1d(np.arange(n_cells), np.concatenate([mit_idx, apo_idx, extra_apo]))
+    tables = [
+        _tumour_nuclei(rng, nuc_pts[plain, 0], nuc_pts[plain, 1], grade),
+        _lymphocytes(rng, lymph_pts[:, 0], lymph_pts[:, 1]),
+        _plasma_cells(rng, plasma_pts[:, 0], plasma_pts[:, 1]),
+        _histiocytes(rng, hist_pts[:, 0], hist_pts[:, 1]),
+        _spindles(rng, myo_pts[:, 0], myo_pts[:, 1], other["myo_theta"], plump=True),
+        _spindles(rng, fib[:, 0], fib[:, 1], _at(theta_field, fib, 2)),
+        _spindles(rng, endo[:, 0], endo[:, 1], other["endo_theta"], plump=True),
+        _mitoses(rng, mit_pts[:, 0], mit_pts[:, 1]),
+        _apoptotic_bodies(rng, np.concatenate([apo_pts[:, 0], nuc_pts[extra_apo, 0]]),
+                          np.concatenate([apo_pts[:, 1], nuc_pts[extra_apo, 1]])),
+    ]
+    # Out-of-focus nuclei from the section's other planes: faint, soft, anywhere in the tissue.
+    n_blur = int(rng.poisson(w * h / 25_000))
+    bpts = np.column_stack([rng.uniform(0, w, n_blur), rng.uniform(0, h, n_blur)])
+    bpts = bpts[_at(tissue, bpts, 2)]
+    tables.append(_nuclei(len(bpts), x=bpts[:, 0], y=bpts[:, 1], r=rng.uniform(5, 10, len(bpts)),
+                          density=rng.uniform(0.15, 0.35, len(bpts)), edge=2.0))
+    _draw(rng, H, _join(tables))
+
+    image = _scan(rng, H, E, hole, style)
+    picked = {"tumor": tum_idx, "non_tumor": non_pts, "mitosis": mit_pts, "apoptosis": apo_pts}
+    return image, _points(rng, w, h, counts, nuc_pts, picked, lumens, tumour, depth, hole)

@@ -125,3 +125,25 @@ def test_the_check_sees_each_kind_of_breach(tmp_path):
     assert "import cycle: server.high -> shared.low -> server.high" in found
     assert any("shared/models.py:1: shared/ imports Flower" in p for p in found)
     assert len(found) == 6
+
+
+def long_functions(root: Path) -> list[str]:
+    """Functions past the style guide's length: 40 lines in the apps (handlers stay thin), 80 anywhere else."""
+    found = []
+    for package in PACKAGES:
+        limit = 40 if package in ("server", "client") else 80
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > limit:
+                        found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {lines} lines (at most "
+                                     f"{limit})")
+    return found
+
+
+def test_no_function_is_longer_than_the_style_guide_allows(tmp_path):
+    assert long_functions(ROOT) == []
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "app.py").write_text("def main():\n" + "    x = 1\n" * 40)
+    assert long_functions(tmp_path) == ["server/app.py:1 main: 41 lines (at most 40)"]
