@@ -31,7 +31,14 @@ def test_matrix_row_scores_each_site_and_the_pooled_split():
     row = matrix_row(oracle, tests, CLASSES)
     assert list(row) == ["site-0", "site-1", "site-2", "pooled"]
     assert row["pooled"]["n"] == 105 and row["site-1"]["n"] == 45
-    assert all(0 <= m["macro_auc"] <= 1 for m in row.values())
+    from sklearn.metrics import roc_auc_score
+
+    pooled = np.concatenate([tests[k].labels for k in tests])
+    for name, labels in [*((k, t.labels) for k, t in tests.items()), ("pooled", pooled)]:
+        probs = np.full((len(labels), 3), 1 / 3)
+        probs[::2] = np.eye(3)[labels[::2]] * 0.9 + 0.1 / 3  # the oracle, on the same order of patches
+        expected = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in range(3)])
+        assert row[name]["macro_auc"] == pytest.approx(expected) and 0.5 < expected < 1
 
 
 def test_bootstrap_resamples_patients_and_brackets_the_estimate():
