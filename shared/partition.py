@@ -9,7 +9,7 @@ sites can each keep two cases for a train/test split, and a label skew is as
 strong as the patients' own class mixes allow (every case is mostly tumour
 nuclei; mitoses concentrate in a few high-grade patients).
 
-* ``natural``: the hospitals as they are (one folder each); not handled here.
+* ``natural``: the hospitals as they are (one folder each): nothing to deal, ``site_samples`` reads the folder.
 * ``iid``: cases shuffled and dealt so that sites get similar patch counts.
 * ``dirichlet``: label skew (Hsu et al. 2019, on cases): each case is typed
   by its most over-represented class; per class, site shares are drawn from
