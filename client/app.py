@@ -29,7 +29,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client.secagg import legacy_app
 from shared import explain, learner, privacy, stain
 from shared.brecahad import list_tiles, read_image
-from shared.config import Config, classes_of, fault_at, from_run_config, task_of
+from shared.config import Config, classes_of, from_run_config, task_of
 from shared.data import Samples, ehr_statistics
 from shared.metrics import classification_metrics
 from shared.partition import images_folder, site_samples
@@ -112,6 +112,11 @@ def _with_local_bn(site: Site, context: Context, weights: dict, adapt_on: Sample
     if FEDBN_STATE in context.state.array_records:
         return {**weights, **from_record(context.state[FEDBN_STATE])}
     return learner.adapt_bn(site.cfg, weights, adapt_on) if adapt_on is not None else weights
+
+
+def fault_at(cfg: Config, site: int, server_round: int) -> str | None:
+    """The failure ``faults`` injects at this site in this round: crash, hang, nan, or None."""
+    return next((k for k in ("crash", "hang", "nan") if f"{site}@{server_round}" in getattr(cfg.faults, k)), None)
 
 
 def _uniform(site: Site) -> dict[str, float]:

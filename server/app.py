@@ -30,7 +30,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from server import checkpoint, secagg
 from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, central_evaluation, run_rounds
-from server.record import RunRecord
+from server.record import RunRecord, run_name
 from server.strategy import BudgetSpent, build_strategy, site_error
 from shared import explain, learner, stain
 from shared.config import (
@@ -39,13 +39,11 @@ from shared.config import (
     classes_of,
     dump,
     eval_data_path,
-    focus_class,
     read_envelope,
-    run_name,
     task_of,
 )
 from shared.data import Samples, load_folder, pooled_moments
-from shared.metrics import ehr_only_auc
+from shared.metrics import ehr_only_auc, focus_class
 from shared.mimic import FEATURES
 from shared.wire import STAIN_REFERENCE, from_record, to_record
 
@@ -62,7 +60,7 @@ app = ServerApp()
 
 
 def _run_dir(cfg: Config, given: str) -> Path:
-    run_dir = Path(given) if given else Path("runs") / run_name(cfg)
+    run_dir = Path(given) if given else Path("runs") / run_name(cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

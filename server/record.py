@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from pathlib import Path
 
 from shared.cache import write_json
-from shared.config import focus_class
-from shared.metrics import weighted_mean
+from shared.metrics import focus_class, weighted_mean
 from shared.serde import FLAT_KEYS as SCALARS
+
+
+def run_name(name: str) -> str:
+    """``<name>-<timestamp>``: the default folder name of a run."""
+    return f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def federated_mean(sites: dict[str, dict], classes: tuple[str, ...]) -> dict:

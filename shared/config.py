@@ -1,10 +1,20 @@
 """One typed configuration for every part of fedfuse.
 
 YAML files in ``configs/`` load into the frozen dataclasses below; each
-component owns its section. Unknown keys and wrong types fail with the key's
-dotted path and the expected type. Overrides (``fedfuse --set a.b=v`` and
-Flower's ``--run-config "a.b=v"``) go through :func:`apply_overrides`, so both
-change the same settings in the same way.
+component owns its section. A field says everything about itself in one
+place: its type, its choices (a ``Literal``) and its range (:func:`bounded`,
+:func:`between`, :func:`path_field`); a test holds every number to a bound. Rules
+that tie fields together are validators, each after the section it concerns.
+Unknown keys and wrong types fail with the key's dotted path and what was
+expected. Overrides (``fedfuse --set a.b=v`` and Flower's ``--run-config
+"a.b=v"``) go through :func:`apply_overrides`, so both change the same
+settings in the same way.
+
+Why dataclasses with field metadata rather than pydantic 2: the sections are
+frozen values that 80 call sites copy with ``dataclasses.replace`` and that
+``to_dict`` writes back; pydantic's own messages ("Input should be ...") and
+its coercions (``"3"`` to 3 in YAML, 1 to True) would each need undoing to
+keep fedfuse's "key: expected X, got Y"; and the loader is 60 lines here.
 
 Flower's ``run_config`` holds only flat scalars: :func:`flatten` writes a
 config as dotted keys (lists and mappings as YAML text) and
@@ -22,101 +32,207 @@ import sys
 import types
 import typing
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 IMAGE_CLASSES = ("mitosis", "tumor", "non_tumor")
-BRECAHAD_KEYS = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
+BrecahadKey = Literal["mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen"]
+BRECAHAD_KEYS = typing.get_args(BrecahadKey)
+MAX_NAME = 100  # characters of ``name``: a run folder is <name>-<timestamp>, within every file system's 255 bytes
+NAME_BYTES = 255  # the longest file or folder name common file systems take
+RESUME_MAY_CHANGE = ("federation.rounds", "faults.")  # a resume may extend a run, and add or drop injected faults
+WEEK_S = 7 * 24 * 3600.0
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message names its dotted path."""
+
+
+def bounded(default: Any, ok: Callable[[Any], bool], expected: str, **kwargs: Any) -> Any:
+    """A field with its bound: ``ok(value)`` must hold, ``expected`` says what in an error.
+
+    A bound written as ``0 < x < math.inf`` also refuses NaN; upper bounds keep a value within what a machine can
+    run (threads, layer widths, seconds) or what the quantity means (a probability).
+    """
+    return field(default=default, metadata={"ok": ok, "expected": expected}, **kwargs)
+
+
+def between(default: int, lo: int, hi: int) -> Any:
+    """An integer field in ``[lo, hi]``."""
+    return bounded(default, lambda v: lo <= v <= hi, f"between {lo} and {hi}")
+
+
+def path_field(default: str | None, null: bool = True) -> Any:
+    """A field naming a file or folder: an empty one would mean the working directory, a NUL cannot be opened."""
+    return field(default=default, metadata={
+        "ok": lambda v: (v is None and null) or (isinstance(v, str) and v != "" and "\0" not in v),
+        "expected": "a path (not empty, no NUL character)" + (" or null" if null else ""), "path": True})
+
+
+def positive(default: float | None, hi: float, null: bool = False) -> Any:
+    """A float in ``(0, hi]``, or null when ``null``."""
+    return bounded(default, lambda v: (null and v is None) or (v is not None and 0 < v <= hi),
+                   ("null or positive" if null else "positive") + f", at most {hi:g}")
+
+
+def distinct(items: tuple[str, ...]) -> bool:
+    return len(set(items)) == len(items)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the hospitals' data lives and how samples are made from it."""
 
-    root: str = "data/quickstart"  # holds site-<k>/ folders (simulation); generated if absent
-    preset: str = "quick"  # synthetic preset used when root is absent: quick | brecahad
-    sites: int = 3  # simulated hospitals (SuperNodes)
-    partition: str = "natural"  # natural (one folder a site) | iid | dirichlet | quantity (cases re-dealt)
-    alpha: float = 0.5  # dirichlet / quantity: concentration; smaller is more skewed
-    leave_out: int | None = None  # natural partition: this site trains nowhere (the unseen hospital)
-    patch_size: int = 64
-    border: str = "reflect"  # patches at the image border: reflect-pad, or drop (and count)
-    classes: tuple[str, ...] = IMAGE_CLASSES  # BreCaHAD keys kept as patch classes, in label order
-    pairing: str = "linked"  # linked: linkage.csv joins case and subject; by_label: pair by class
-    label_map: dict[str, int] = field(default_factory=lambda: {"mitosis": 1, "tumor": 1, "non_tumor": 0})
-    test_fraction: float = 0.3  # share of each site's cases (data.split: patch: patches) held out for its test split
-    split: str = "case"  # case: whole patients on one side | patch: single patches (the study's protocol; leaks)
-    stain_norm: str = "none"  # none | reinhard | macenko: tiles mapped onto a reference stain before patches are cut
-    stain_reference: str = "shipped"  # shipped | federated | an RGB image (relative: inside data.root)
-    cache_dir: str | None = None  # default: <data folder>/.fedfuse-cache
-    positive: tuple[str, ...] = ("invasive", "in_situ")  # ICD groups that label an EHR row positive
+    root: str = path_field("data/quickstart", null=False)  # holds site-<k>/ folders (simulation); generated if absent
+    preset: Literal["quick", "brecahad"] = "quick"  # synthetic preset used when root is absent
+    sites: int = between(3, 1, 1000)  # simulated hospitals (SuperNodes)
+    # natural (one folder a site) | iid | dirichlet | quantity (cases re-dealt)
+    partition: Literal["natural", "iid", "dirichlet", "quantity"] = "natural"
+    alpha: float = bounded(0.5, lambda v: 0 < v <= 1000,  # dirichlet / quantity: concentration; smaller: more skewed
+                           "positive, at most 1000 (beyond it the split is as good as iid)")
+    # natural partition: this site trains nowhere (the unseen hospital); below data.sites: _check_data
+    leave_out: int | None = bounded(None, lambda v: v is None or v >= 0, "a site index (at least 0), or null")
+    patch_size: int = bounded(64, lambda v: 8 <= v <= 1024, "between 8 and 1024 (pixels; a patch is cut from a tile)")
+    border: Literal["reflect", "drop"] = "reflect"  # patches at the image border: reflect-pad, or drop (and count)
+    classes: tuple[BrecahadKey, ...] = bounded(  # BreCaHAD keys kept as patch classes, in label order
+        IMAGE_CLASSES, lambda v: len(v) >= 2 and distinct(v), "at least 2 classes, each named once")
+    pairing: Literal["linked", "by_label"] = "linked"  # linked: linkage.csv joins case and subject; by_label: by class
+    label_map: dict[str, int] = bounded(
+        dataclasses.MISSING, lambda v: all(k in BRECAHAD_KEYS and x in (0, 1) for k, x in v.items()),
+        "BreCaHAD keys mapped to EHR labels 0 or 1", default_factory=lambda: {"mitosis": 1, "tumor": 1, "non_tumor": 0})
+    # share of each site's cases (data.split: patch: patches) held out for its test split
+    test_fraction: float = bounded(0.3, lambda v: 0 < v < 1, "between 0 and 1")
+    split: Literal["case", "patch"] = "case"  # case: whole patients on one side | patch: single patches (the study's)
+    # none | reinhard | macenko: tiles mapped onto a reference stain before patches are cut
+    stain_norm: Literal["none", "reinhard", "macenko"] = "none"
+    stain_reference: str = path_field("shipped", null=False)  # shipped | federated | an RGB image (relative: in data.root)
+    cache_dir: str | None = path_field(None)  # default: <data folder>/.fedfuse-cache
+    positive: tuple[Literal["invasive", "in_situ", "history", "family_history", "er_status"], ...] = bounded(
+        ("invasive", "in_situ"), lambda v: len(v) >= 1 and distinct(v),  # ICD groups that label an EHR row positive
+        "at least 1 ICD group, each named once")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.pairing == "by_label" and set(d.classes) - set(d.label_map):
+        raise ConfigError(f"data.label_map: no EHR label for {sorted(set(d.classes) - set(d.label_map))}")
+    if d.stain_reference == "federated" and d.stain_norm != "none":
+        if d.partition != "natural":
+            raise ConfigError("data.stain_reference: federated: each site averages the statistics of its own folder "
+                              f"of tiles; with data.partition {d.partition!r} a site has no folder of its own "
+                              "(use natural, or stain_reference: shipped)")
+        if cfg.privacy.secure_aggregation:
+            raise ConfigError("data.stain_reference: federated is not available with privacy.secure_aggregation "
+                              "(Flower's SecAgg+ workflow carries no reference to the sites); use shipped")
+    if d.leave_out is not None and not 0 <= d.leave_out < d.sites:
+        raise ConfigError(f"data.leave_out: expected a site index in 0..{d.sites - 1}, got {d.leave_out}")
+    if d.leave_out is not None and d.partition != "natural":
+        raise ConfigError("data.leave_out: only with data.partition natural (a site is a folder)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model, and its sizes."""
 
-    name: str = "fusion"  # patch task: fusion | late_fusion | cnn | resnet18; EHR task: mlp | xgboost
-    image_encoder: str = "cnn"  # fusion / late_fusion: cnn | resnet18
-    resnet_norm: str = "group"  # resnet18: group (GroupNorm, out-of-place blocks; Opacus-ready) | batch
-    cnn_norm: str = "group"  # cnn: group (GroupNorm; Opacus-ready) | batch (BatchNorm statistics, what FedBN keeps local)
+    # patch task: fusion | late_fusion | cnn | resnet18; EHR task: mlp | xgboost
+    name: Literal["fusion", "late_fusion", "cnn", "resnet18", "mlp", "xgboost"] = "fusion"
+    image_encoder: Literal["cnn", "resnet18"] = "cnn"  # fusion / late_fusion's image branch
+    # resnet18: group (GroupNorm, out-of-place blocks; Opacus-ready) | batch
+    resnet_norm: Literal["group", "batch"] = "group"
+    # cnn: group (GroupNorm; Opacus-ready) | batch (BatchNorm statistics, what FedBN keeps local)
+    cnn_norm: Literal["group", "batch"] = "group"
     small_stem: bool = False  # resnet18: drop the stem's max-pool (finer maps on 64 px patches, 3x slower)
-    pretrained: str | None = None  # image encoder: local weights file (`fedfuse pretrain`, torchvision's ImageNet)
+    pretrained: str | None = path_field(None)  # image encoder: local weights (`fedfuse pretrain`, torchvision's ImageNet)
     freeze: bool = False  # image encoder: train only its projection (and the heads)
-    image_latent: int = 64
-    ehr_latent: int = 32
-    hidden: int = 64
-    dropout: float = 0.2
-    image_aux_weight: float = 1.0  # fusion: weight of an image-only auxiliary loss (0: none); see shared/models.py
-    xgb_max_depth: int = 4  # xgboost
-    xgb_eta: float = 0.3  # xgboost: learning rate
-    xgb_local_rounds: int = 1  # xgboost: trees a site adds per server round
+    image_latent: int = between(64, 1, 4096)
+    ehr_latent: int = between(32, 1, 4096)
+    hidden: int = between(64, 1, 4096)
+    dropout: float = bounded(0.2, lambda v: 0 <= v < 1, "in [0, 1)")
+    # fusion: weight of an image-only auxiliary loss (0: none); see shared/models.py
+    image_aux_weight: float = bounded(1.0, lambda v: 0 <= v <= 100, "in [0, 100]")
+    xgb_max_depth: int = between(4, 1, 32)  # xgboost
+    xgb_eta: float = bounded(0.3, lambda v: 0 < v <= 1, "in (0, 1]")  # xgboost: learning rate
+    xgb_local_rounds: int = between(1, 1, 1000)  # xgboost: trees a site adds per server round
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    if (m.pretrained or m.freeze) and image_encoder_of(m) is None:
+        raise ConfigError("model.pretrained / model.freeze: only for a model with an image encoder (model.name cnn, "
+                          "resnet18, fusion or late_fusion)")
+    if cfg.federation.strategy == "xgb_bagging" and m.xgb_local_rounds != 1:
+        raise ConfigError("model.xgb_local_rounds: xgb_bagging appends one tree per site a round "
+                          f"(Flower keeps num_parallel_tree trees of each reply); got {m.xgb_local_rounds}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training at a site, each round."""
 
-    local_epochs: int = 2
-    steps: int = 0  # optimiser steps per local update (a fixed budget); 0: local_epochs passes instead
-    batch_size: int = 32
-    lr: float = 0.001
-    encoder_lr: float | None = None  # the image encoder's learning rate (fine-tuning pretrained weights); null: lr
-    schedule: str = "constant"  # learning rate over the whole run (every round's steps): constant | cosine (decay)
-    warmup: float = 0.0  # share of the run's steps over which the learning rate rises linearly from 0
-    weight_decay: float = 0.0001
-    class_weights: str = "sqrt"  # sqrt (of inverse frequency) | balanced (inverse frequency) | none
-    threads: int = 1  # torch threads per site process
+    local_epochs: int = between(2, 0, 1000)
+    steps: int = between(0, 0, 1_000_000)  # optimiser steps per local update (a fixed budget); 0: local_epochs passes
+    batch_size: int = between(32, 1, 65536)
+    lr: float = positive(0.001, 10)
+    # the image encoder's learning rate (fine-tuning pretrained weights); null: lr
+    encoder_lr: float | None = positive(None, 10, null=True)
+    # learning rate over the whole run (every round's steps): constant | cosine (decay)
+    schedule: Literal["constant", "cosine"] = "constant"
+    # share of the run's steps over which the learning rate rises linearly from 0
+    warmup: float = bounded(0.0, lambda v: 0 <= v < 1, "at least 0, below 1")
+    weight_decay: float = bounded(0.0001, lambda v: 0 <= v <= 1, "in [0, 1]")
+    # sqrt (of inverse frequency) | balanced (inverse frequency) | none
+    class_weights: Literal["sqrt", "balanced", "none"] = "sqrt"
+    threads: int = between(1, 1, 1024)  # torch threads per site process
     flips: bool = True  # training patches: random 90-degree rotations and mirror flips (never at evaluation)
-    hed_jitter: float = 0.0  # training patches: HED stain jitter strength (0.05 light, 0.2 strong); 0: off
+    # training patches: HED stain jitter strength (0.05 light, 0.2 strong); 0: off
+    hed_jitter: float = bounded(0.0, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _check_train(cfg: Config) -> None:
+    if cfg.train.local_epochs < 1 and cfg.train.steps < 1:
+        raise ConfigError(f"train.local_epochs: expected at least 1 (or train.steps at least 1), got "
+                          f"{cfg.train.local_epochs}")
+
+
+def seconds(default: float) -> Any:
+    """A timeout: positive, at most a week."""
+    return bounded(default, lambda v: 0 < v <= WEEK_S, f"positive, at most {WEEK_S:g} (a week, in seconds)")
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     """The server's round loop."""
 
-    rounds: int = 6
+    rounds: int = between(6, 1, 10000)
     # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum; for xgboost: xgb_bagging | xgb_cyclic
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_sites: int = 2
-    proximal_mu: float = 0.01  # fedprox: weight of (mu/2) ||w - w_global||^2 in each site's loss
-    server_lr: float = 0.01  # fedadam, fedyogi: the server optimiser's step size (eta)
-    beta_1: float = 0.9  # fedadam, fedyogi: first-moment decay
-    beta_2: float = 0.99  # fedadam, fedyogi: second-moment decay
-    tau: float = 0.001  # fedadam, fedyogi: adaptivity (epsilon)
-    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut from each end, in [0, 0.5)
-    krum_malicious: int = 0  # krum: number of sites assumed malicious
-    round_timeout: float = 600.0  # seconds the server waits for a round's replies; a later one counts as failed
-    connect_timeout: float = 120.0  # seconds the server waits at the start for min_sites sites to connect
-    setup_timeout: float = 600.0  # seconds for the sites' first answer (each loads, and may first extract, its data)
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+                      "xgb_bagging", "xgb_cyclic"] = "fedavg"
+    fraction_train: float = bounded(1.0, lambda v: 0 < v <= 1, "in (0, 1]")
+    fraction_evaluate: float = bounded(1.0, lambda v: 0 <= v <= 1, "in [0, 1]")
+    min_sites: int = bounded(2, lambda v: v >= 1, "at least 1")  # and at most data.sites: _check_federation
+    # fedprox: weight of (mu/2) ||w - w_global||^2 in each site's loss
+    proximal_mu: float = bounded(0.01, lambda v: 0 <= v <= 100, "in [0, 100]")
+    server_lr: float = positive(0.01, 10)  # fedadam, fedyogi: the server optimiser's step size (eta)
+    beta_1: float = bounded(0.9, lambda v: 0 <= v < 1, "in [0, 1)")  # fedadam, fedyogi: first-moment decay
+    beta_2: float = bounded(0.99, lambda v: 0 <= v < 1, "in [0, 1)")  # fedadam, fedyogi: second-moment decay
+    tau: float = bounded(0.001, lambda v: 0 < v <= 1, "in (0, 1]")  # fedadam, fedyogi: adaptivity (epsilon)
+    # fedtrimmedavg: fraction cut from each end
+    trim_beta: float = bounded(0.2, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
+    # krum: number of sites assumed malicious (below data.sites: _check_federation)
+    krum_malicious: int = bounded(0, lambda v: v >= 0, "at least 0")
+    # seconds the server waits for a round's replies; a later one counts as failed
+    round_timeout: float = seconds(600.0)
+    # seconds the server waits at the start for min_sites sites to connect
+    connect_timeout: float = seconds(120.0)
+    # seconds for the sites' first answer (each loads, and may first extract, its data)
+    setup_timeout: float = seconds(600.0)
     # reject an update whose distance from the global model exceeds this multiple of the round's median (null: off)
-    max_update_ratio: float | None = None
+    max_update_ratio: float | None = bounded(None, lambda v: v is None or 1 < v < math.inf,
+                                             "above 1 and finite, or null")
     # reject an update farther from the global model than this multiple of the norm of its trained weights (null:
     # off): a bound that needs no other site, so it holds with two. Measured on honest quickstart runs (2 sites,
     # 2 rounds; round 1 is the largest): 0.16 at the defaults (fusion, FedAvg; also FedAdam, FedProx, local and
@@ -124,18 +240,41 @@ class FederationConfig:
     # epochs, 0.50 resnet18; train.lr 0.01: 1.1 (fusion), 1.8 (BatchNorm cnn); train.lr 0.1: 1.8 (mlp), 4.0 (mlp,
     # 10 epochs), 8.5 (fusion). Only a BatchNorm cnn at lr 0.1, diverging (its BatchNorm variances 6500-fold in one
     # round), goes beyond (12.8). Raise it for larger learning rates.
-    max_relative_update: float | None = 10.0
-    upload: str = "all"  # all | trainable: a site sends only trained weights (buffers stay the global model's)
-    upload_dtype: str = "float32"  # float32 | float16: a site's upload at half the bytes (the server upcasts)
+    max_relative_update: float | None = bounded(10.0, lambda v: v is None or 0 < v < math.inf,
+                                                "positive and finite, or null")
+    # all | trainable: a site sends only trained weights (buffers stay the global model's)
+    upload: Literal["all", "trainable"] = "all"
+    # float32 | float16: a site's upload at half the bytes (the server upcasts)
+    upload_dtype: Literal["float32", "float16"] = "float32"
     fedbn: bool = False  # FedBN: BatchNorm layers stay at each site, never sent nor averaged (needs a batch norm)
+
+
+def _check_federation(cfg: Config) -> None:
+    f, sites = cfg.federation, cfg.data.sites
+    if (cfg.model.name == "xgboost") != (f.strategy in TREE_STRATEGIES):
+        raise ConfigError(f"federation.strategy: {f.strategy!r} does not fit model.name "
+                          f"{cfg.model.name!r}; xgboost federates with {' or '.join(TREE_STRATEGIES)}, "
+                          "the neural models with the others")
+    if f.min_sites > sites:
+        raise ConfigError(f"federation.min_sites: expected between 1 and data.sites ({sites}), got {f.min_sites}")
+    if f.krum_malicious >= sites:
+        raise ConfigError(f"federation.krum_malicious: expected between 0 and data.sites - 1 ({sites - 1}), got "
+                          f"{f.krum_malicious}")
+    if f.fedbn and not has_batch_norm(cfg.model):
+        raise ConfigError(f"federation.fedbn keeps BatchNorm layers local, and model {cfg.model.name!r} has none: set "
+                          "model.cnn_norm: batch (or model.resnet_norm: batch for resnet18). GroupNorm, which "
+                          "local DP (privacy.mode: local) needs, keeps no statistics to keep local")
+    if f.fedbn and cfg.privacy.secure_aggregation:
+        raise ConfigError("federation.fedbn: not with privacy.secure_aggregation, whose SecAgg+ rounds send the whole "
+                          "model (and BatchNorm statistics are not weights within its clipping range)")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """What the server holds: a central test set, if any; and how many resamples its final intervals take."""
 
-    eval_data: str | None = "holdout"  # a hospital-layout folder; relative: inside data.root; null: none
-    bootstrap: int = 200  # resamples of patients for the final model's 95 % intervals on eval_data
+    eval_data: str | None = path_field("holdout")  # a hospital-layout folder; relative: inside data.root; null: none
+    bootstrap: int = between(200, 1, 100_000)  # resamples of patients for the final model's 95 % intervals
 
 
 @dataclass(frozen=True)
@@ -143,344 +282,35 @@ class PrivacyConfig:
     """Differential privacy and secure aggregation; the README's Privacy section says what each number protects."""
 
     # none | local (DP-SGD at every site, Opacus; shared/privacy.py) | central (Flower's DP wrapper on FedAvg)
-    mode: str = "none"
-    epsilon: float | None = 8.0  # target epsilon of the whole run (local: at each site); the noise is derived from it
-    delta: float = 1e-5  # the delta of every reported epsilon
-    noise_multiplier: float | None = None  # a fixed noise multiplier instead (then epsilon is only reported)
-    clipping: str = "server"  # central: where each site's update is clipped: server | client (Flower's mod)
-    clip_norm: float = 1.0  # central: L2 bound of one site's update (all its weights)
-    max_grad_norm: float = 1.0  # local: clipping bound of one unit's gradient
-    unit: str = "patch"  # local: what one clipped contribution is: patch (one sample) | patient (all of a patient's)
-    patches_per_patient: int = 8  # unit patient: at most this many of a sampled patient's samples in a step
-    budget: float | None = None  # local: a site's total epsilon in its ledger, across runs; null: epsilon
+    mode: Literal["none", "local", "central"] = "none"
+    # target epsilon of the whole run (local: at each site); the noise is derived from it
+    epsilon: float | None = bounded(8.0, lambda v: v is None or 0 < v <= 1000 or v == math.inf,
+                                    "positive, at most 1000 (.inf: no noise)")
+    delta: float = bounded(1e-5, lambda v: 0 < v < 1, "in (0, 1)")  # the delta of every reported epsilon
+    # a fixed noise multiplier instead (then epsilon is only reported)
+    noise_multiplier: float | None = bounded(None, lambda v: v is None or 0 <= v <= 1000, "in [0, 1000], or null")
+    # central: where each site's update is clipped: server | client (Flower's mod)
+    clipping: Literal["server", "client"] = "server"
+    # central: L2 bound of one site's update (all its weights)
+    clip_norm: float = bounded(1.0, lambda v: 0 < v < math.inf, "positive and finite")
+    # local: clipping bound of one unit's gradient
+    max_grad_norm: float = bounded(1.0, lambda v: 0 < v < math.inf, "positive and finite")
+    # local: what one clipped contribution is: patch (one sample) | patient (all of a patient's)
+    unit: Literal["patch", "patient"] = "patch"
+    patches_per_patient: int = between(8, 1, 100_000)  # unit patient: at most this many of a patient's samples a step
+    # local: a site's total epsilon in its ledger, across runs; null: epsilon
+    budget: float | None = bounded(None, lambda v: v is None or v > 0, "positive (.inf: no limit), or null")
     # Simulated sites' ledgers; null: <data.root>/.fedfuse-privacy; relative: inside data.root. A SuperNode never
     # reads it: its ledger stays where its own node config says (ledger-dir, default <data-dir>/.fedfuse-privacy).
-    ledger_dir: str | None = None
-    audit_fraction: float = 0.0  # share of each site's training units kept out of training (membership audit)
+    ledger_dir: str | None = path_field(None)
+    # share of each site's training units kept out of training (membership audit)
+    audit_fraction: float = bounded(0.0, lambda v: 0 <= v < 1, "in [0, 1)")
     # SecAgg+ (Flower's legacy API, FedAvg only; server/secagg.py): the server learns only the sum of the sites' updates
     secure_aggregation: bool = False
-    secagg_clipping_range: float = 8.0  # secure_aggregation: every trained weight must lie in [-this, this]
-    secagg_quantization_range: int = 4194304  # secure_aggregation: integer levels over that range (2**22, Flower's)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """What a run explains at its end (shared/explain.py)."""
-
-    shap_rows: int = 200  # test rows a site explains for federated SHAP (mean |SHAP| per feature); 0: none
-    pooled_reference: bool = True  # simulations: rank-correlate federated SHAP with a model trained on pooled data
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    """Where per-round metrics go besides metrics.json and the printed table."""
-
-    tensorboard: bool = False  # also write them as TensorBoard scalars in <run>/tensorboard (the tensorboard extra)
-
-
-@dataclass(frozen=True)
-class FaultsConfig:
-    """Failures injected at chosen sites and rounds (testing what the server survives); each entry is SITE@ROUND."""
-
-    crash: tuple[str, ...] = ()  # the site raises while training, e.g. ["1@2"]: site 1 in round 2
-    hang: tuple[str, ...] = ()  # the site answers only after federation.round_timeout
-    nan: tuple[str, ...] = ()  # the site returns NaN weights
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Flower's simulation engine on one machine."""
-
-    cpus_per_site: float = 1.0
-
-
-@dataclass(frozen=True)
-class Config:
-    """A whole experiment."""
-
-    name: str = "quickstart"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    faults: FaultsConfig = field(default_factory=FaultsConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.preset": ("quick", "brecahad"),
-    "data.border": ("reflect", "drop"),
-    "data.stain_norm": ("none", "reinhard", "macenko"),
-    "data.partition": ("natural", "iid", "dirichlet", "quantity"),
-    "data.pairing": ("linked", "by_label"),
-    "data.split": ("case", "patch"),
-    "train.schedule": ("constant", "cosine"),
-    "data.positive[]": ("invasive", "in_situ", "history", "family_history", "er_status"),
-    "model.name": ("fusion", "late_fusion", "cnn", "resnet18", "mlp", "xgboost"),
-    "model.image_encoder": ("cnn", "resnet18"),
-    "model.resnet_norm": ("group", "batch"),
-    "model.cnn_norm": ("group", "batch"),
-    "train.class_weights": ("sqrt", "balanced", "none"),
-    "federation.upload": ("all", "trainable"),
-    "federation.upload_dtype": ("float32", "float16"),
-    "privacy.mode": ("none", "local", "central"),
-    "privacy.clipping": ("server", "client"),
-    "privacy.unit": ("patch", "patient"),
-    "federation.strategy": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
-                            "xgb_bagging", "xgb_cyclic"),
-}
-
-
-class ConfigError(ValueError):
-    """A config value or key that cannot be used; the message names its dotted path."""
-
-
-# Which task each model solves: the three-class patch task, or breast cancer yes/no from the cohort.
-TASKS = {"fusion": "patch", "late_fusion": "patch", "cnn": "patch", "resnet18": "patch", "mlp": "ehr",
-         "xgboost": "ehr"}
-EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
-TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
-
-
-def image_encoder_of(model: ModelConfig) -> str | None:
-    """The model's image encoder (``cnn`` or ``resnet18``), or None for the EHR-only models."""
-    if model.name in ("fusion", "late_fusion"):
-        return model.image_encoder
-    return model.name if model.name in ("cnn", "resnet18") else None
-
-
-def has_batch_norm(model: ModelConfig) -> bool:
-    """Whether the model's image encoder normalises with BatchNorm (what FedBN keeps local)."""
-    encoder = image_encoder_of(model)
-    return (encoder == "cnn" and model.cnn_norm == "batch") or (encoder == "resnet18" and model.resnet_norm == "batch")
-
-
-def uses_resnet(model: ModelConfig) -> bool:
-    """Whether the model has a ResNet-18 encoder (what ``pretrained`` and ``freeze`` act on)."""
-    return image_encoder_of(model) == "resnet18"
-
-
-def focus_class(classes: tuple[str, ...] | list[str]) -> str:
-    """The class users watch: mitosis on the patch task (rare, and what grading counts), else the positive one."""
-    return "mitosis" if "mitosis" in classes else list(classes)[-1]
-
-
-def run_name(cfg: Config) -> str:
-    """``<name>-<timestamp>``: the default folder name of a run."""
-    return f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def eval_data_path(cfg: Config) -> Path | None:
-    """The server's test set: ``server.eval_data``, a relative path taken inside ``data.root``."""
-    if not cfg.server.eval_data:
-        return None
-    path = Path(cfg.server.eval_data)
-    return path if path.is_absolute() else Path(cfg.data.root) / path
-
-
-def fault_at(cfg: Config, site: int, server_round: int) -> str | None:
-    """The failure ``faults`` injects at this site in this round: crash, hang, nan, or None."""
-    return next((k for k in ("crash", "hang", "nan") if f"{site}@{server_round}" in getattr(cfg.faults, k)), None)
-
-
-def task_of(cfg: Config) -> str:
-    return TASKS[cfg.model.name]
-
-
-def classes_of(cfg: Config) -> tuple[str, ...]:
-    """The class names the configured model predicts."""
-    return cfg.data.classes if task_of(cfg) == "patch" else EHR_CLASSES
-
-
-MAX_NAME = 100  # characters of ``name``: a run folder is <name>-<timestamp>, within every file system's 255 bytes
-NAME_BYTES = 255  # the longest file or folder name common file systems take
-RESUME_MAY_CHANGE = ("federation.rounds", "faults.")  # a resume may extend a run, and add or drop injected faults
-# Settings that name a file or folder: an empty one would mean the working directory, a NUL cannot be opened.
-PATH_KEYS = ("data.root", "data.cache_dir", "data.stain_reference", "model.pretrained", "server.eval_data",
-             "privacy.ledger_dir")
-WEEK_S = 7 * 24 * 3600.0
-
-
-def check_plain_name(name: object, what: str, max_chars: int = MAX_NAME) -> str:
-    """``name`` if it is one safe path component, else a ConfigError naming ``what`` and what was expected.
-
-    The one rule for every name that becomes a file or folder (a run's, a site's, a key's): 1 to ``max_chars``
-    characters and at most 255 bytes (a name on every common file system), not only dots and blanks, no
-    separator, no ``..``, no control character.
-    """
-    if not (isinstance(name, str) and 0 < len(name) <= max_chars and len(name.encode()) <= NAME_BYTES
-            and name.strip(". ") != "" and ".." not in name and not any(c in "/\\" for c in name)
-            and not any(unicodedata.category(c).startswith("C") for c in name)):
-        raise ConfigError(f"{what}: expected one plain name, 1 to {max_chars} characters ({NAME_BYTES} bytes) "
-                          f"without '/', '\\', '..' or control characters; got {_shown(name)}")
-    return name
-
-
-def fixed_settings(cfg: Config) -> dict[str, Any]:
-    """The flat settings a resumed run must keep: all but :data:`RESUME_MAY_CHANGE`."""
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUME_MAY_CHANGE)}
-
-
-def settings_changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys whose values differ between two :func:`fixed_settings`, sorted."""
-    return sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or before[k] != now[k])
-
-
-def _setting(cfg: Config, key: str) -> Any:
-    """The value of a dotted key, e.g. ``train.lr``."""
-    return functools.reduce(getattr, key.split("."), cfg)
-
-
-def _shown(value: Any) -> str:
-    """A config value as an error message shows it: on one line, and short."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"  # repr of a huge one is long, or refused (4300 digits)
-    text = repr(list(value) if isinstance(value, tuple) else value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
-def _one_line(err: Exception) -> str:
-    """An error's text on one line (PyYAML's point at the place on a second one)."""
-    return " ".join(str(err).split())
-
-
-def _distinct(items: tuple[str, ...]) -> bool:
-    return len(set(items)) == len(items)
-
-
-def _ranges(cfg: Config) -> list[tuple[str, bool, str]]:
-    """Every number's bound (and a list's), as (dotted key, whether it holds, what is expected).
-
-    A bound written as ``0 < x < math.inf`` also refuses NaN; upper bounds keep a value within what a
-    machine can run (threads, layer widths, seconds) or what the quantity means (a probability).
-    """
-    d, t, f, m, p = cfg.data, cfg.train, cfg.federation, cfg.model, cfg.privacy
-    return [
-        ("seed", 0 <= cfg.seed < 2**32, "between 0 and 2**32 - 1 (a 32-bit seed)"),
-        ("data.sites", 1 <= d.sites <= 1000, "between 1 and 1000"),
-        ("data.patch_size", 8 <= d.patch_size <= 1024, "between 8 and 1024 (pixels; a patch is cut from a tile)"),
-        ("data.test_fraction", 0 < d.test_fraction < 1, "between 0 and 1"),
-        ("data.alpha", 0 < d.alpha <= 1000, "positive, at most 1000 (beyond it the split is as good as iid)"),
-        ("data.classes", len(d.classes) >= 2 and _distinct(d.classes), "at least 2 classes, each named once"),
-        ("data.positive", len(d.positive) >= 1 and _distinct(d.positive), "at least 1 ICD group, each named once"),
-        ("data.label_map", all(k in BRECAHAD_KEYS and v in (0, 1) for k, v in d.label_map.items()),
-         "BreCaHAD keys mapped to EHR labels 0 or 1"),
-        ("model.image_latent", 1 <= m.image_latent <= 4096, "between 1 and 4096"),
-        ("model.ehr_latent", 1 <= m.ehr_latent <= 4096, "between 1 and 4096"),
-        ("model.hidden", 1 <= m.hidden <= 4096, "between 1 and 4096"),
-        ("model.dropout", 0 <= m.dropout < 1, "in [0, 1)"),
-        ("model.image_aux_weight", 0 <= m.image_aux_weight <= 100, "in [0, 100]"),
-        ("model.xgb_max_depth", 1 <= m.xgb_max_depth <= 32, "between 1 and 32"),
-        ("model.xgb_eta", 0 < m.xgb_eta <= 1, "in (0, 1]"),
-        ("model.xgb_local_rounds", 1 <= m.xgb_local_rounds <= 1000, "between 1 and 1000"),
-        ("train.batch_size", 1 <= t.batch_size <= 65536, "between 1 and 65536"),
-        ("train.local_epochs", 0 <= t.local_epochs <= 1000, "between 0 and 1000"),
-        ("train.local_epochs", t.local_epochs >= 1 or t.steps >= 1, "at least 1 (or train.steps at least 1)"),
-        ("train.steps", 0 <= t.steps <= 1_000_000, "between 0 and 1000000"),
-        ("train.lr", 0 < t.lr <= 10, "positive, at most 10"),
-        ("train.encoder_lr", t.encoder_lr is None or 0 < t.encoder_lr <= 10, "null or positive, at most 10"),
-        ("train.warmup", 0 <= t.warmup < 1, "at least 0, below 1"),
-        ("train.weight_decay", 0 <= t.weight_decay <= 1, "in [0, 1]"),
-        ("train.threads", 1 <= t.threads <= 1024, "between 1 and 1024"),
-        ("train.hed_jitter", 0 <= t.hed_jitter < 1, "in [0, 1)"),
-        ("federation.rounds", 1 <= f.rounds <= 10000, "between 1 and 10000"),
-        ("federation.min_sites", 1 <= f.min_sites <= d.sites, f"between 1 and data.sites ({d.sites})"),
-        ("federation.fraction_train", 0 < f.fraction_train <= 1, "in (0, 1]"),
-        ("federation.fraction_evaluate", 0 <= f.fraction_evaluate <= 1, "in [0, 1]"),
-        ("federation.proximal_mu", 0 <= f.proximal_mu <= 100, "in [0, 100]"),
-        ("federation.server_lr", 0 < f.server_lr <= 10, "positive, at most 10"),
-        ("federation.beta_1", 0 <= f.beta_1 < 1, "in [0, 1)"),
-        ("federation.beta_2", 0 <= f.beta_2 < 1, "in [0, 1)"),
-        ("federation.tau", 0 < f.tau <= 1, "in (0, 1]"),
-        ("federation.trim_beta", 0 <= f.trim_beta < 0.5, "in [0, 0.5)"),
-        ("federation.krum_malicious", 0 <= f.krum_malicious < d.sites, f"between 0 and data.sites - 1 ({d.sites - 1})"),
-        *((f"federation.{key}", 0 < getattr(f, key) <= WEEK_S, f"positive, at most {WEEK_S:g} (a week, in seconds)")
-          for key in ("round_timeout", "connect_timeout", "setup_timeout")),
-        ("federation.max_update_ratio", f.max_update_ratio is None or 1 < f.max_update_ratio < math.inf,
-         "above 1 and finite, or null"),
-        ("federation.max_relative_update", f.max_relative_update is None or 0 < f.max_relative_update < math.inf,
-         "positive and finite, or null"),
-        ("privacy.epsilon", p.epsilon is None or 0 < p.epsilon <= 1000 or p.epsilon == math.inf,
-         "positive, at most 1000 (.inf: no noise)"),
-        ("privacy.delta", 0 < p.delta < 1, "in (0, 1)"),
-        ("privacy.noise_multiplier", p.noise_multiplier is None or 0 <= p.noise_multiplier <= 1000,
-         "in [0, 1000], or null"),
-        ("privacy.clip_norm", 0 < p.clip_norm < math.inf, "positive and finite"),
-        ("privacy.max_grad_norm", 0 < p.max_grad_norm < math.inf, "positive and finite"),
-        ("privacy.patches_per_patient", 1 <= p.patches_per_patient <= 100_000, "between 1 and 100000"),
-        ("privacy.budget", p.budget is None or p.budget > 0, "positive (.inf: no limit), or null"),
-        ("privacy.audit_fraction", 0 <= p.audit_fraction < 1, "in [0, 1)"),
-        ("privacy.secagg_clipping_range", 0 < p.secagg_clipping_range < math.inf, "positive and finite"),
-        ("privacy.secagg_quantization_range", 2 <= p.secagg_quantization_range < 2**32, "between 2 and 2**32 - 1"),
-        ("report.shap_rows", 0 <= cfg.report.shap_rows <= 1_000_000, "between 0 and 1000000"),
-        ("server.bootstrap", 1 <= cfg.server.bootstrap <= 100_000, "between 1 and 100000"),
-        ("simulation.cpus_per_site", 0.01 <= cfg.simulation.cpus_per_site <= 1024, "between 0.01 and 1024"),
-    ]
-
-
-def _check(cfg: Config) -> Config:
-    """Settings that are valid alone but not together."""
-    trees = cfg.federation.strategy in TREE_STRATEGIES
-    if (cfg.model.name == "xgboost") != trees:
-        raise ConfigError(f"federation.strategy: {cfg.federation.strategy!r} does not fit model.name "
-                          f"{cfg.model.name!r}; xgboost federates with {' or '.join(TREE_STRATEGIES)}, "
-                          "the neural models with the others")
-    if cfg.federation.strategy == "xgb_bagging" and cfg.model.xgb_local_rounds != 1:
-        raise ConfigError("model.xgb_local_rounds: xgb_bagging appends one tree per site a round "
-                          f"(Flower keeps num_parallel_tree trees of each reply); got {cfg.model.xgb_local_rounds}")
-    check_plain_name(cfg.name, "name (it names the run's folder, with a timestamp)")
-    for key, ok, expected in _ranges(cfg):
-        if not ok:
-            raise ConfigError(f"{key}: expected {expected}, got {_shown(_setting(cfg, key))}")
-    for key in PATH_KEYS:
-        value = _setting(cfg, key)
-        if value is not None and (not value or "\0" in value):
-            none = " or null" if _flat_hints()[key] == (str | None) else ""
-            raise ConfigError(f"{key}: expected a path (not empty, no NUL character){none}, got {_shown(value)}")
-    d, m = cfg.data, cfg.model
-    unknown = [c for c in d.classes if c not in BRECAHAD_KEYS]
-    if unknown:
-        raise ConfigError(f"data.classes: {unknown} are not BreCaHAD keys; expected some of {', '.join(BRECAHAD_KEYS)}")
-    if d.pairing == "by_label" and set(d.classes) - set(d.label_map):
-        raise ConfigError(f"data.label_map: no EHR label for {sorted(set(d.classes) - set(d.label_map))}")
-    if (m.pretrained or m.freeze) and image_encoder_of(m) is None:
-        raise ConfigError("model.pretrained / model.freeze: only for a model with an image encoder (model.name cnn, "
-                          "resnet18, fusion or late_fusion)")
-    _check_privacy(cfg)
-    for kind in ("crash", "hang", "nan"):
-        for i, entry in enumerate(getattr(cfg.faults, kind)):
-            site, _, when = entry.partition("@")
-            if not (re.fullmatch(r"[0-9]{1,9}@[0-9]{1,9}", entry) and int(site) < cfg.data.sites
-                    and 1 <= int(when) <= cfg.federation.rounds):
-                raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND, a site in 0..{cfg.data.sites - 1} and a "
-                                  f"round in 1..{cfg.federation.rounds} (e.g. 1@2: site 1 in round 2), got "
-                                  f"{_shown(entry)}")
-    if cfg.federation.fedbn and not has_batch_norm(cfg.model):
-        raise ConfigError(f"federation.fedbn keeps BatchNorm layers local, and model {cfg.model.name!r} has none: set "
-                          "model.cnn_norm: batch (or model.resnet_norm: batch for resnet18). GroupNorm, which "
-                          "local DP (privacy.mode: local) needs, keeps no statistics to keep local")
-    if cfg.federation.fedbn and cfg.privacy.secure_aggregation:
-        raise ConfigError("federation.fedbn: not with privacy.secure_aggregation, whose SecAgg+ rounds send the whole "
-                          "model (and BatchNorm statistics are not weights within its clipping range)")
-    if cfg.data.stain_reference == "federated" and cfg.data.stain_norm != "none":
-        if cfg.data.partition != "natural":
-            raise ConfigError("data.stain_reference: federated: each site averages the statistics of its own folder "
-                              f"of tiles; with data.partition {cfg.data.partition!r} a site has no folder of its own "
-                              "(use natural, or stain_reference: shipped)")
-        if cfg.privacy.secure_aggregation:
-            raise ConfigError("data.stain_reference: federated is not available with privacy.secure_aggregation "
-                              "(Flower's SecAgg+ workflow carries no reference to the sites); use shipped")
-    leave_out = cfg.data.leave_out
-    if leave_out is not None and not 0 <= leave_out < cfg.data.sites:
-        raise ConfigError(f"data.leave_out: expected a site index in 0..{cfg.data.sites - 1}, got {leave_out}")
-    if leave_out is not None and cfg.data.partition != "natural":
-        raise ConfigError("data.leave_out: only with data.partition natural (a site is a folder)")
-    return cfg
+    # secure_aggregation: every trained weight must lie in [-this, this]
+    secagg_clipping_range: float = bounded(8.0, lambda v: 0 < v < math.inf, "positive and finite")
+    # secure_aggregation: integer levels over that range (2**22, Flower's)
+    secagg_quantization_range: int = bounded(4194304, lambda v: 2 <= v < 2**32, "between 2 and 2**32 - 1")
 
 
 def _check_secure_aggregation(cfg: Config) -> None:
@@ -551,8 +381,156 @@ def _check_privacy(cfg: Config) -> None:
                           "choose another federation.strategy")
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """What a run explains at its end (shared/explain.py)."""
+
+    # test rows a site explains for federated SHAP (mean |SHAP| per feature); 0: none
+    shap_rows: int = between(200, 0, 1_000_000)
+    pooled_reference: bool = True  # simulations: rank-correlate federated SHAP with a model trained on pooled data
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where per-round metrics go besides metrics.json and the printed table."""
+
+    tensorboard: bool = False  # also write them as TensorBoard scalars in <run>/tensorboard (the tensorboard extra)
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Failures injected at chosen sites and rounds (testing what the server survives); each entry is SITE@ROUND."""
+
+    crash: tuple[str, ...] = ()  # the site raises while training, e.g. ["1@2"]: site 1 in round 2
+    hang: tuple[str, ...] = ()  # the site answers only after federation.round_timeout
+    nan: tuple[str, ...] = ()  # the site returns NaN weights
+
+
+def _check_faults(cfg: Config) -> None:
+    for kind in ("crash", "hang", "nan"):
+        for i, entry in enumerate(getattr(cfg.faults, kind)):
+            site, _, when = entry.partition("@")
+            if not (re.fullmatch(r"[0-9]{1,9}@[0-9]{1,9}", entry) and int(site) < cfg.data.sites
+                    and 1 <= int(when) <= cfg.federation.rounds):
+                raise ConfigError(f"faults.{kind}[{i}]: expected SITE@ROUND, a site in 0..{cfg.data.sites - 1} and a "
+                                  f"round in 1..{cfg.federation.rounds} (e.g. 1@2: site 1 in round 2), got "
+                                  f"{_shown(entry)}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower's simulation engine on one machine."""
+
+    cpus_per_site: float = bounded(1.0, lambda v: 0.01 <= v <= 1024, "between 0.01 and 1024")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    name: str = "quickstart"
+    seed: int = bounded(0, lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (a 32-bit seed)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+def _check_name(cfg: Config) -> None:
+    check_plain_name(cfg.name, "name (it names the run's folder, with a timestamp)")
+
+
+# The rules between fields, each after its section, run in this order once every field is within its bound.
+VALIDATORS = (_check_federation, _check_model, _check_name, _check_data, _check_train, _check_privacy, _check_faults)
+
+# Which task each model solves: the three-class patch task, or breast cancer yes/no from the cohort.
+TASKS = {"fusion": "patch", "late_fusion": "patch", "cnn": "patch", "resnet18": "patch", "mlp": "ehr",
+         "xgboost": "ehr"}
+EHR_CLASSES = ("no_breast_cancer", "breast_cancer")
+TREE_STRATEGIES = ("xgb_bagging", "xgb_cyclic")
+
+
+def image_encoder_of(model: ModelConfig) -> str | None:
+    """The model's image encoder (``cnn`` or ``resnet18``), or None for the EHR-only models."""
+    if model.name in ("fusion", "late_fusion"):
+        return model.image_encoder
+    return model.name if model.name in ("cnn", "resnet18") else None
+
+
+def has_batch_norm(model: ModelConfig) -> bool:
+    """Whether the model's image encoder normalises with BatchNorm (what FedBN keeps local)."""
+    encoder = image_encoder_of(model)
+    return (encoder == "cnn" and model.cnn_norm == "batch") or (encoder == "resnet18" and model.resnet_norm == "batch")
+
+
+def uses_resnet(model: ModelConfig) -> bool:
+    """Whether the model has a ResNet-18 encoder (what ``pretrained`` and ``freeze`` act on)."""
+    return image_encoder_of(model) == "resnet18"
+
+
+def eval_data_path(cfg: Config) -> Path | None:
+    """The server's test set: ``server.eval_data``, a relative path taken inside ``data.root``."""
+    if not cfg.server.eval_data:
+        return None
+    folder = Path(cfg.server.eval_data)
+    return folder if folder.is_absolute() else Path(cfg.data.root) / folder
+
+
+def task_of(cfg: Config) -> str:
+    return TASKS[cfg.model.name]
+
+
+def classes_of(cfg: Config) -> tuple[str, ...]:
+    """The class names the configured model predicts."""
+    return cfg.data.classes if task_of(cfg) == "patch" else EHR_CLASSES
+
+
+def check_plain_name(name: object, what: str, max_chars: int = MAX_NAME) -> str:
+    """``name`` if it is one safe path component, else a ConfigError naming ``what`` and what was expected.
+
+    The one rule for every name that becomes a file or folder (a run's, a site's, a key's): 1 to ``max_chars``
+    characters and at most 255 bytes (a name on every common file system), not only dots and blanks, no
+    separator, no ``..``, no control character.
+    """
+    if not (isinstance(name, str) and 0 < len(name) <= max_chars and len(name.encode()) <= NAME_BYTES
+            and name.strip(". ") != "" and ".." not in name and not any(c in "/\\" for c in name)
+            and not any(unicodedata.category(c).startswith("C") for c in name)):
+        raise ConfigError(f"{what}: expected one plain name, 1 to {max_chars} characters ({NAME_BYTES} bytes) "
+                          f"without '/', '\\', '..' or control characters; got {_shown(name)}")
+    return name
+
+
+def fixed_settings(cfg: Config) -> dict[str, Any]:
+    """The flat settings a resumed run must keep: all but :data:`RESUME_MAY_CHANGE`."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUME_MAY_CHANGE)}
+
+
+def settings_changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two :func:`fixed_settings`, sorted."""
+    return sorted(k for k in before.keys() | now.keys() if k not in before or k not in now or before[k] != now[k])
+
+
+def _shown(value: Any) -> str:
+    """A config value as an error message shows it: on one line, and short."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"  # repr of a huge one is long, or refused (4300 digits)
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _one_line(err: Exception) -> str:
+    """An error's text on one line (PyYAML's point at the place on a second one)."""
+    return " ".join(str(err).split())
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return "str" if typing.get_origin(tp) is Literal else getattr(tp, "__name__", None) or str(tp)
 
 
 def _coerce(path: str, tp: Any, value: Any) -> Any:
@@ -583,16 +561,16 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         if abs(value) > sys.float_info.max:
             raise ConfigError(f"{path}: expected float, got {_shown(value)}, beyond any float")
         return float(value)
+    if origin is Literal and not (isinstance(value, str) and value in typing.get_args(tp)):
+        raise ConfigError(f"{path}: expected one of {', '.join(typing.get_args(tp))}, got {_shown(value)}")
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {_shown(value)}")
-    choices = CHOICES.get(re.sub(r"\[\d+\]$", "[]", path))  # list items share their list's choices
-    if choices and value not in choices:
-        raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {_shown(value)}")
     return value
 
 
 def build_section(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    """A frozen dataclass from a mapping: unknown keys and wrong types fail with the dotted path."""
+    """A frozen dataclass from a mapping: unknown keys, wrong types and values out of bounds fail with the dotted
+    path."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -600,6 +578,10 @@ def build_section(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
             where = f"{prefix}.{key}" if prefix else str(key)
             raise ConfigError(f"{where}: unknown key; expected one of {', '.join(sorted(names))}")
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in raw.items()}
+    for f in dataclasses.fields(cls):  # each given value within its field's bound
+        if f.name in kwargs and "ok" in f.metadata and not f.metadata["ok"](kwargs[f.name]):
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(f"{where}: expected {f.metadata['expected']}, got {_shown(kwargs[f.name])}")
     return cls(**kwargs)
 
 
@@ -621,7 +603,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return _check(build_section(Config, raw))
+        cfg = build_section(Config, raw)
+        for check in VALIDATORS:
+            check(cfg)
+        return cfg
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -665,7 +650,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             raise ConfigError(f"{key}: unknown key{hint}")
         if isinstance(value, str) and hints[key] == (str | None):  # a path: kept as written, but null/none
             value = None if value.strip().lower() in ("", "null", "none", "~") else value
-        elif isinstance(value, str) and hints[key] is not str:
+        elif isinstance(value, str) and not (hints[key] is str or typing.get_origin(hints[key]) is Literal):
             try:
                 value = yaml.safe_load(value) if value.strip() else None
             except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of more than 4300 digits

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from shared import learner, xgb
-from shared.config import Config, classes_of, focus_class
+from shared.config import Config, classes_of
 from shared.data import Samples
+from shared.metrics import focus_class
 from shared.models import FusionNet, LateFusion
 from shared.resnet import ResNetEncoder
 from shared.serde import array_to_booster

@@ -13,6 +13,11 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 
+def focus_class(classes: tuple[str, ...] | list[str]) -> str:
+    """The class users watch: mitosis on the patch task (rare, and what grading counts), else the positive one."""
+    return "mitosis" if "mitosis" in classes else list(classes)[-1]
+
+
 def sample_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Each sample's cross-entropy."""
     return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))

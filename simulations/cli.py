@@ -22,11 +22,9 @@ from shared.config import (
     dump,
     eval_data_path,
     fixed_settings,
-    focus_class,
     load,
     parse_assignments,
     run_envelope,
-    run_name,
     settings_changed,
     task_of,
 )
@@ -201,11 +199,12 @@ def _shift_study(args: argparse.Namespace) -> int:
 
 
 def _loso(args: argparse.Namespace) -> int:
+    from server.record import run_name
     from simulations.loso import run_loso
 
     cfg = absolute_paths(load(args.config, parse_assignments(args.set)))
     _ensure_data(cfg)
-    out = Path(args.out) if args.out else child(Path("results"), f"loso-{run_name(cfg)}", "name")
+    out = Path(args.out) if args.out else child(Path("results"), f"loso-{run_name(cfg.name)}", "name")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     run_loso(cfg, out.resolve(), echo=lambda line: print(line, flush=True))
@@ -292,6 +291,8 @@ def _kept(cfg: Config, config_file: str) -> dict[str, str | Path | None]:
 
 def _run_folder(args: argparse.Namespace, cfg: Config) -> tuple[Path, bool]:
     """The run folder and whether to empty it first (``--force``); checks only, writes nothing."""
+    from server.record import run_name
+
     if args.resume:
         if args.out or args.seeds or args.force:
             raise ValueError("--resume RUN_DIR continues that run: it takes no --out, --seeds or --force")
@@ -299,7 +300,7 @@ def _run_folder(args: argparse.Namespace, cfg: Config) -> tuple[Path, bool]:
         _made_run(run_dir)
         _same_run(cfg, run_dir)
         return run_dir, False
-    run_dir = (Path(args.out) if args.out else child(Path("runs"), run_name(cfg), "name")).resolve()
+    run_dir = (Path(args.out) if args.out else child(Path("runs"), run_name(cfg.name), "name")).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out {run_dir}: a file; expected a folder for the run")
     if not (run_dir.is_dir() and any(run_dir.iterdir())):
@@ -360,6 +361,8 @@ def _trained(folder: Path) -> dict:
 
 def _summarise(folder: Path, final: dict, started: float) -> int:
     """Print the last run's final metrics, its privacy spending and its report."""
+    from shared.metrics import focus_class
+
     if final["source"] == "none":
         print(f"done in {time.time() - started:.0f} s. No final metrics: no server test set and no site evaluated "
               f"(federation.fraction_evaluate 0?); metrics: {folder / 'metrics.json'}")

@@ -41,7 +41,6 @@ from shared.config import (
     apply_overrides,
     build_section,
     classes_of,
-    focus_class,
     from_dict,
     image_encoder_of,
     task_of,
@@ -49,6 +48,7 @@ from shared.config import (
 )
 from shared.data import concat, load_site
 from shared.evaluation import matrix_row
+from shared.metrics import focus_class
 from shared.pretrain import sha256_of
 from simulations.flower import federate
 from simulations.pooled import train_alone, with_steps

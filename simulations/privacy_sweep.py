@@ -29,9 +29,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from shared import learner
-from shared.config import Config, classes_of, focus_class, task_of
+from shared.config import Config, classes_of, task_of
 from shared.data import load_site
-from shared.metrics import sample_losses
+from shared.metrics import focus_class, sample_losses
 from shared.privacy import audit_split
 from simulations.flower import federate
 

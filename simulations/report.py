@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import classes_of, eval_data_path, focus_class, load, task_of
+from shared.config import classes_of, eval_data_path, load, task_of
 from shared.errors import DataFormatError
+from shared.metrics import focus_class
 from shared.mimic import FEATURES
 from simulations.runs import write_safely
 

@@ -1,14 +1,19 @@
+import dataclasses
+import re
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 
 from shared.config import (
     RUN_KEYS,
+    WEEK_S,
     Config,
     ConfigError,
     apply_overrides,
     flat_keys,
+    flatten,
     from_run_config,
     load,
     parse_assignments,
@@ -100,7 +105,7 @@ def test_pyproject_app_config_lists_every_setting_and_no_defaults():
     ({"model.pretrained": "w.pth", "model.name": "mlp"},
      r"model\.pretrained / model\.freeze: only for a model with an image encoder"),
     ({"data.positive": "[invasive, metastatic]"}, r"data\.positive\[1\]: expected one of invasive"),
-    ({"data.classes": "[mitosis, nucleus]"}, r"data\.classes: \['nucleus'\] are not BreCaHAD keys"),
+    ({"data.classes": "[mitosis, nucleus]"}, r"data\.classes\[1\]: expected one of mitosis, non_mitosis"),
     ({"model.name": "cnn", "federation.strategy": "xgb_cyclic"}, r"does not fit model\.name 'cnn'"),
 ])
 def test_settings_that_cannot_work_together_are_refused(overrides, message):
@@ -173,6 +178,36 @@ def test_plain_names_and_the_bounds_themselves_are_accepted():
         "federation.server_lr": 10.0, "federation.krum_malicious": 2, "simulation.cpus_per_site": 0.01,
         "data.classes": ["mitosis", "tumor"], "privacy.epsilon": ".inf", "federation.round_timeout": 604800})
     assert cfg.name == "Oslo_2024.v2 (re-run)" and cfg.seed == 2**32 - 1 and cfg.privacy.epsilon == float("inf")
+
+
+def _fields(cls=Config, prefix=""):
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, f
+
+
+def test_every_number_has_its_bound_beside_its_type_and_every_choice_is_a_literal():
+    numbers = {key: f for key, tp, f in _fields() if {int, float} & {tp, *typing.get_args(tp)}}
+    assert "train.lr" in numbers and "federation.round_timeout" in numbers and len(numbers) > 50
+    unbounded = sorted(key for key, f in numbers.items() if "ok" not in f.metadata)
+    assert unbounded == [], f"numbers without a bound (shared.config.bounded): {unbounded}"
+    free_text = sorted(key for key, tp, f in _fields() if tp in (str, str | None) and "path" not in f.metadata)
+    assert free_text == ["name"], f"strings that are neither a Literal nor a path: {free_text}"
+
+
+@pytest.mark.parametrize("key,below,at_edge,beyond", [
+    ("data.sites", 0, 1000, 1001), ("train.lr", 0.0, 10.0, 10.5), ("federation.beta_1", -0.1, 0.0, 1.0),
+    ("federation.round_timeout", 0.0, WEEK_S, WEEK_S + 1), ("model.xgb_eta", 0.0, 1.0, 1.01),
+    ("simulation.cpus_per_site", 0.0, 0.01, 1025.0), ("privacy.epsilon", -1.0, 1000.0, 1001.0),
+])
+def test_a_field_bound_refuses_on_both_sides_and_takes_its_edge(key, below, at_edge, beyond):
+    assert flatten(apply_overrides(Config(), {key: at_edge}))[key] == at_edge
+    for value in (below, beyond):
+        with pytest.raises(ConfigError, match=rf"^overrides: {re.escape(key)}: expected "):
+            apply_overrides(Config(), {key: value})
 
 
 def test_every_preset_loads():
