@@ -7,7 +7,6 @@ bad reply must be refused with its reason, the rest aggregated exactly as if
 the liar had not been there.
 """
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,17 +19,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
-from server.app import app as server_app
 from server.loop import MAX_GROWTH, Declared, check_evaluation, check_train_metrics, checked, checked_evaluation
 from server.record import RunRecord
 from server.strategy import build_strategy, site_error
 from shared import learner
-from shared.config import apply_overrides, classes_of, load, run_envelope
+from shared.config import apply_overrides, classes_of, load
 from shared.data import pooled_moments
 from shared.serde import flatten_metrics
 from shared.wire import from_record, to_record
-from simulations.cli import absolute_paths
-from simulations.inprocess import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/quickstart.yaml"
@@ -277,16 +273,14 @@ def tampered(attacks: dict[int, tuple[str, object]], seen: dict[tuple[int, str],
     return app
 
 
-def federate(quick_data, tmp_path, sites: int, attacks: dict, **overrides) -> tuple[dict, dict, dict]:
-    """One round of the EHR model on ``sites`` sites re-dealt from the quick data: metrics.json, model, replies."""
-    cfg = apply_overrides(absolute_paths(load(CONFIG)), {
-        "data.root": str(quick_data), "data.sites": sites, "data.partition": "iid", "model.name": "mlp",
-        "train.steps": 2, "federation.rounds": 1, "server.eval_data": None, "report.shap_rows": 0, **overrides})
-    run_dir, seen = tmp_path / "run", {}
-    run_server(server_app, tampered(attacks, seen), run_envelope(cfg, run_dir),
-               num_nodes=sites)
-    model = torch.load(run_dir / "model.pt", weights_only=True)
-    return json.loads((run_dir / "metrics.json").read_text()), model, seen
+def federate(federation, tmp_path, sites: int, attacks: dict, **overrides) -> tuple[dict, dict, dict]:
+    """One round of the EHR model on ``sites`` sites re-dealt from the quick data, with ``attacks``: metrics.json,
+    model, replies."""
+    seen = {}
+    metrics = federation(tmp_path / "run", {
+        "data.sites": sites, "data.partition": "iid", "model.name": "mlp", "federation.rounds": 1,
+        "server.eval_data": None, **overrides}, client=tampered(attacks, seen))
+    return metrics, torch.load(tmp_path / "run" / "model.pt", weights_only=True), seen
 
 
 def lying(msg: Message, reply: Message, shift: float | None = None, fill: float | None = None, **metrics) -> Message:
@@ -297,16 +291,16 @@ def lying(msg: Message, reply: Message, shift: float | None = None, fill: float 
                                "metrics": MetricRecord({**dict(reply.content["metrics"]), **metrics})}), reply_to=msg)
 
 
-def test_liars_in_a_run_are_refused_and_the_model_is_the_honest_sites_alone(quick_data, tmp_path, capsys):
+def test_liars_in_a_run_are_refused_and_the_model_is_the_honest_sites_alone(federation, tmp_path, capsys):
     attacks = {2: ("train", lambda msg, r: lying(msg, r, shift=3.0, **{"num-examples": 10**12})),
                3: ("train", lambda msg, r: lying(msg, r, fill=1e300))}  # float64: finite, but not as float32
-    metrics, model, _ = federate(quick_data, tmp_path / "liars", 4, attacks, **{"federation.min_sites": 2})
+    metrics, model, _ = federate(federation, tmp_path / "liars", 4, attacks, **{"federation.min_sites": 2})
     failed = metrics["rounds"][0]["failed"]
     assert set(failed) == {"iid-2", "iid-3"} and "stopped" not in metrics
     assert "num-examples 1000000000000 is more than" in failed["iid-2"] and "NaN or Inf" in failed["iid-3"]
     assert "site iid-2 did not train: rejected update: num-examples" in capsys.readouterr().out
     # The same round with the liars crashing instead: the honest sites' aggregate alone.
-    _, alone, _ = federate(quick_data, tmp_path / "alone", 4, {}, **{"federation.min_sites": 2,
+    _, alone, _ = federate(federation, tmp_path / "alone", 4, {}, **{"federation.min_sites": 2,
                                                                         "faults.crash": ["2@1", "3@1"]})
     assert model.keys() == alone.keys()
     for k in model:
@@ -321,13 +315,13 @@ def statistics(msg: Message, reply: Message, name: str | None = None, **stats) -
                                "site": ConfigRecord({**site, "name": name or site["name"]})}), reply_to=msg)
 
 
-def test_bad_statistics_and_names_leave_their_sites_out_and_the_scaling_honest(quick_data, tmp_path, capsys):
+def test_bad_statistics_and_names_leave_their_sites_out_and_the_scaling_honest(federation, tmp_path, capsys):
     n = 27  # len(shared.mimic.FEATURES)
     attacks = {2: ("query.ehr_stats", lambda msg, r: statistics(msg, r, count=[1.0] * (n - 3))),
                3: ("query.ehr_stats", lambda msg, r: statistics(msg, r, sum=[math.nan] * n)),
                4: ("query.ehr_stats", lambda msg, r: statistics(msg, r, name="iid-0")),  # iid-0 is node 1000's
                5: ("query.ehr_stats", lambda msg, r: statistics(msg, r, name="../../etc/x"))}
-    metrics, model, seen = federate(quick_data, tmp_path, 6, attacks, **{"federation.min_sites": 2})
+    metrics, model, seen = federate(federation, tmp_path, 6, attacks, **{"federation.min_sites": 2})
     assert metrics["sites"] == ["iid-0", "iid-1"] and len(metrics["rounds"]) == 1
     left_out = metrics["left_out"]["query.ehr_stats"]
     assert list(left_out) == ["iid-2", "iid-3", "node 1004", "node 1005"] and list(metrics["left_out"]) == [
@@ -357,10 +351,10 @@ def stained(msg: Message, reply: Message, **stats) -> Message:
     ({"mean": [50.0, 0.0, 0.0, 60.0, 10.0, 10.0]}, "to [100, 127, 127, 50, 127.5, 127.5]"),  # L's spread above 50
     ({"images": 10**12}, "stain 'images' 1000000000000: expected a whole number from 1 to 1000000"),
 ])
-def test_stain_statistics_beyond_the_colour_space_leave_their_site_out_of_the_reference(quick_data, tmp_path, stats,
+def test_stain_statistics_beyond_the_colour_space_leave_their_site_out_of_the_reference(federation, tmp_path, stats,
                                                                                         expected):
     attacks = {1: ("query.stain", lambda msg, r: stained(msg, r, **stats))}
-    metrics, _, seen = federate(quick_data, tmp_path, 2, attacks, **{
+    metrics, _, seen = federate(federation, tmp_path, 2, attacks, **{
         "data.partition": "natural", "federation.min_sites": 1, "data.stain_norm": "reinhard",
         "data.stain_reference": "federated"})
     assert list(metrics["left_out"]) == ["query.stain"]

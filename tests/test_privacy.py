@@ -15,7 +15,7 @@ from client.app import app as client_app
 from server.app import app as server_app
 from server.strategy import central_accountant, central_noise
 from shared import learner, privacy
-from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, load, run_envelope, task_of
+from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, load, task_of
 from shared.data import Samples, load_site
 from shared.mimic import FEATURES
 from shared.models import build_model
@@ -37,11 +37,6 @@ def dp_config(quick_data, tmp_path, model="fusion", rounds=2, **changes):
     return apply_overrides(cfg, settings)
 
 
-def run(cfg, run_dir: Path) -> dict:
-    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=cfg.data.sites)
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 def site_train(cfg, k: int) -> Samples:
     return load_site(Path(cfg.data.root) / f"site-{k}", cfg.data, cfg.seed + k, task_of(cfg))[0]
 
@@ -51,9 +46,9 @@ def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     return opacus_after([(sigma, q, steps)], delta)
 
 
-def test_each_sites_cumulative_epsilon_is_opacus_accountants(quick_data, tmp_path):
+def test_each_sites_cumulative_epsilon_is_opacus_accountants(federation, quick_data, tmp_path):
     cfg = dp_config(quick_data, tmp_path, rounds=3, **{"privacy.epsilon": 5.0})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and "stopped" not in metrics
     for k in range(2):
         n = len(site_train(cfg, k))
@@ -69,7 +64,7 @@ def test_each_sites_cumulative_epsilon_is_opacus_accountants(quick_data, tmp_pat
         assert final["epsilon_patient"] > 10 * final["epsilon"]
 
 
-def test_a_ledger_accumulates_across_runs_and_sites_decline_past_their_budget(quick_data, tmp_path):
+def test_a_ledger_accumulates_across_runs_and_sites_decline_past_their_budget(federation, quick_data, tmp_path):
     sigma = 1.0
     eps = {}
     for k in range(2):
@@ -79,12 +74,12 @@ def test_a_ledger_accumulates_across_runs_and_sites_decline_past_their_budget(qu
     assert max(e[1] for e in eps.values()) < budget < min(e[2] for e in eps.values())
     cfg = dp_config(quick_data, tmp_path, rounds=1, **{"privacy.epsilon": None, "privacy.noise_multiplier": sigma,
                                                        "privacy.budget": budget})
-    first = run(cfg, tmp_path / "first")  # one round; the ledger keeps it after the run has ended
+    first = federation(tmp_path / "first", cfg)  # one round; the ledger keeps it after the run has ended
     assert [first["privacy"]["sites"][f"site-{k}"]["epsilon"] for k in range(2)] == pytest.approx(
         [eps[k][0] for k in range(2)], abs=1e-6)
 
-    second = run(dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=4)),
-                 tmp_path / "second")
+    second = federation(tmp_path / "second",
+                        dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=4)))
     rounds = second["rounds"]
     assert rounds[0]["privacy"]["site-0"]["epsilon"] == pytest.approx(eps[0][1], abs=1e-6)  # continues the ledger
     declined = rounds[1]["failed"]
@@ -102,13 +97,13 @@ def test_a_ledger_accumulates_across_runs_and_sites_decline_past_their_budget(qu
         assert [r["round"] for r in ledger["rounds"]] == [1, 1] and ledger["history"][0][2] == 2 * STEPS
 
 
-def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(quick_data, tmp_path):
+def test_a_site_out_of_budget_is_dropped_and_the_others_go_on(federation, quick_data, tmp_path):
     # federation.min_sites 1: the run may go on with one site (at 2 it would stop: tests/test_reliability.py)
     cfg = dp_config(quick_data, tmp_path, rounds=1, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
                                                        "privacy.budget": 5.0, "federation.min_sites": 1})
     spent = privacy.Ledger(tmp_path / "ledgers", site_train(cfg, 0), cfg.privacy, "site-0")
     spent.spend((1.0, 0.5, 10_000), "an earlier study", 1)  # site-0's data has been used up before
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     only = metrics["rounds"][0]
     assert list(only["failed"]) == ["site-0"] and only["failed"]["site-0"].startswith("budget_exhausted")
     assert list(only["privacy"]) == ["site-1"] and "stopped" not in metrics
@@ -137,14 +132,14 @@ def test_a_run_every_site_declines_for_its_budget_is_an_error_of_the_cli(quick_d
     assert not list((tmp_path / "ledgers").glob("ledger-*.json"))  # nothing spent
 
 
-def test_two_runs_at_other_noise_and_sample_rates_add_up_in_the_ledger(quick_data, tmp_path):
+def test_two_runs_at_other_noise_and_sample_rates_add_up_in_the_ledger(federation, quick_data, tmp_path):
     """A second study of the same patients with another noise and batch size: the ledger is Opacus' accountant
     fed both runs' steps in order, neither run forgotten nor merged into the other's noise or rate."""
     first = dp_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0})
     second = apply_overrides(first, {"federation.rounds": 1, "privacy.noise_multiplier": 1.5,
                                      "train.batch_size": first.train.batch_size // 2})
-    run(first, tmp_path / "first")
-    metrics = run(second, tmp_path / "second")
+    federation(tmp_path / "first", first)
+    metrics = federation(tmp_path / "second", second)
     for k in range(2):
         n = len(site_train(first, k))
         expected = opacus_after([(1.0, first.train.batch_size / n, 2 * STEPS), (1.5, second.train.batch_size / n, STEPS)])
@@ -155,11 +150,11 @@ def test_two_runs_at_other_noise_and_sample_rates_add_up_in_the_ledger(quick_dat
 
 # resnet18's per-sample gradients under Opacus: tests/test_resnet.py (a federation of it takes 30 s here).
 @pytest.mark.parametrize("model", ["fusion", "mlp"])
-def test_models_train_two_rounds_under_dp(quick_data, tmp_path, model):
+def test_models_train_two_rounds_under_dp(federation, quick_data, tmp_path, model):
     cfg = dp_config(quick_data, tmp_path, model=model, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
                                                           "privacy.unit": "patient" if model == "mlp" else "patch",
                                                           "data.patch_size": 32})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     assert len(metrics["rounds"]) == 2 and "stopped" not in metrics
     for site in ("site-0", "site-1"):
         spent = metrics["privacy"]["sites"][site]
@@ -251,9 +246,9 @@ def central_config(quick_data, tmp_path, **changes):
     return dp_config(quick_data, tmp_path, **{"privacy.mode": "central", **changes})
 
 
-def test_central_dp_reports_flowers_accountant_and_meets_its_target(quick_data, tmp_path):
+def test_central_dp_reports_flowers_accountant_and_meets_its_target(federation, quick_data, tmp_path):
     cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": 8.0})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     central = metrics["privacy"]["central"]
     sigma = central_noise(8.0, 1e-5, 2)
     accountant = central_accountant(1e-5, 2, None)
@@ -264,10 +259,10 @@ def test_central_dp_reports_flowers_accountant_and_meets_its_target(quick_data, 
 
 
 @pytest.mark.parametrize("clipping", ["server", "client"])
-def test_central_dp_clips_each_sites_update(quick_data, tmp_path, clipping):
+def test_central_dp_clips_each_sites_update(federation, quick_data, tmp_path, clipping):
     cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 0.5,
                                                   "privacy.clipping": clipping, "privacy.clip_norm": 1e-4})
-    run(cfg, tmp_path / "run")
+    federation(tmp_path / "run", cfg)
     torch.manual_seed(cfg.seed)
     start = build_model(cfg.model, len(FEATURES), 3).state_dict()
     final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
@@ -277,13 +272,13 @@ def test_central_dp_clips_each_sites_update(quick_data, tmp_path, clipping):
     assert moved < 0.05
 
 
-def test_central_dp_stops_before_a_release_past_its_budget(quick_data, tmp_path):
+def test_central_dp_stops_before_a_release_past_its_budget(federation, quick_data, tmp_path):
     accountant = central_accountant(1e-5, 2, None)
     accountant.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=2, population_size=2), 1)
     one = accountant.get_epsilon(1e-5)
     cfg = central_config(quick_data, tmp_path, rounds=3, **{"privacy.epsilon": None, "privacy.noise_multiplier": 2.0,
                                                             "privacy.budget": one * 1.2})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     assert metrics["stopped"].startswith("central privacy budget")
     assert metrics["privacy"]["central"]["releases"] == 1 and metrics["privacy"]["central"]["epsilon"] <= one * 1.2
     assert (tmp_path / "run" / "model.pt").is_file() and metrics["final"]["round"] == 1
@@ -342,7 +337,7 @@ def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_p
     assert sorted(p.name for p in (tmp_path / "sweep" / "ledgers").iterdir()) == ["eps-2-seed-0"]
 
 
-def test_central_dp_voids_a_round_with_a_failed_reply_and_goes_on(quick_data, tmp_path, monkeypatch):
+def test_central_dp_voids_a_round_with_a_failed_reply_and_goes_on(federation, quick_data, tmp_path, monkeypatch):
     import client.app
 
     calls = []
@@ -357,7 +352,7 @@ def test_central_dp_voids_a_round_with_a_failed_reply_and_goes_on(quick_data, tm
     monkeypatch.setattr(client.app.learner, "local_update", first_call_fails)
     cfg = central_config(quick_data, tmp_path, **{"privacy.epsilon": None, "privacy.noise_multiplier": 1.0,
                                                   "federation.min_sites": 1})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     first, second = metrics["rounds"]
     assert "no release" in first["voided"] and "disk full" in next(iter(first["failed"].values()))
     assert "privacy" not in first and second["privacy"]["releases"] == 1

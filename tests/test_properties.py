@@ -21,8 +21,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from client.app import app as client_app
-from server.app import app as server_app
 from shared.brecahad import POINT_KEYS, read_image, read_points
 from shared.config import (
     BRECAHAD_KEYS,
@@ -32,13 +30,11 @@ from shared.config import (
     flat_keys,
     from_dict,
     load,
-    run_envelope,
     to_dict,
 )
 from shared.errors import DataFormatError
 from shared.mimic import FEATURES, REQUIRED, build_cohort
-from simulations.inprocess import run_server
-from tests.helpers import make_mimic
+from tests.helpers import make_mimic, quick_config
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -367,14 +363,12 @@ def _finite_numbers(block) -> bool:
 @example(case=("federation.strategy", "fedadam"))
 @example(case=("train.batch_size", 0))
 @example(case=("model.hidden", 0))
-def test_a_drawn_setting_is_refused_by_its_key_or_runs_a_sane_federation(quick_data, tmp_path_factory, case):
+def test_a_drawn_setting_is_refused_by_its_key_or_runs_a_sane_federation(federation, quick_data, tmp_path_factory,
+                                                                          case):
     """A setting the config accepts runs one round of the EHR MLP at two sites in process, without a warning, to
     a finite final block or a stop recorded with its reason; one it refuses is a ConfigError naming the key."""
     key, value = case
-    base = apply_overrides(load(Path(__file__).resolve().parent.parent / "configs/quickstart.yaml"), {
-        "data.root": str(quick_data), "data.sites": 2, "model.name": "mlp", "train.steps": 2,
-        "train.local_epochs": 1, "federation.rounds": 1, "server.eval_data": str(quick_data / "holdout"),
-        "report.shap_rows": 0})
+    base = quick_config(quick_data, {"model.name": "mlp", "train.local_epochs": 1, "federation.rounds": 1})
     try:
         cfg = apply_overrides(base, {key: value if isinstance(value, str) else yaml.safe_dump(value)})
     except ConfigError as err:
@@ -384,11 +378,10 @@ def test_a_drawn_setting_is_refused_by_its_key_or_runs_a_sane_federation(quick_d
     with warnings.catch_warnings(record=True) as caught:  # torch's or numpy's warning: a value gone silently wrong
         warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("always", RuntimeWarning)
-        run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
+        metrics = federation(run_dir, cfg)
     odd = sorted({f"{w.category.__name__}: {w.message}" for w in caught
                   if issubclass(w.category, (UserWarning, RuntimeWarning))})
     assert not odd, f"{key}={value!r}: {odd}"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     ran = functools.reduce(getattr, key.split("."), load(run_dir / "config.yaml"))
     assert ran == value, f"{key}: drawn {value!r}, ran with {ran!r}"  # never silently replaced
     # A site's error is a crash the value caused (its traceback's last line); only the server's reply checks

@@ -9,7 +9,6 @@ from scipy.stats import spearmanr
 
 from simulations.cli import main
 from simulations.report import build
-from tests.helpers import federate
 
 FEDERATED_SHAP = "Federated SHAP (each site sends mean |SHAP| per feature and its row count)"
 
@@ -18,8 +17,8 @@ def sections(page: str) -> dict[str, str]:
     return dict(re.findall(r"<section><h2>(.*?)</h2>(.*?)</section>", page, flags=re.S))
 
 
-def test_report_of_a_fusion_run_with_a_central_test_set(quick_data, tmp_path, capsys):
-    federate(quick_data, tmp_path, {"federation.rounds": 2, "model.name": "fusion", "report.shap_rows": 40})
+def test_report_of_a_fusion_run_with_a_central_test_set(federation, tmp_path, capsys):
+    federation(tmp_path / "run", {"federation.rounds": 2, "model.name": "fusion", "report.shap_rows": 40})
     assert main(["report", str(tmp_path / "run")]) == 0
     path = Path(capsys.readouterr().out.split("report: ", 1)[1].strip())
     page = path.read_text()
@@ -43,8 +42,8 @@ def test_report_of_a_fusion_run_with_a_central_test_set(quick_data, tmp_path, ca
     assert reference["mean_abs_shap"] != federated  # a model of its own, not the federation's numbers again
 
 
-def test_report_says_why_without_every_sites_data(quick_data, tmp_path):
-    federate(quick_data, tmp_path, {"federation.rounds": 1, "model.name": "mlp", "report.shap_rows": 20})
+def test_report_says_why_without_every_sites_data(federation, quick_data, tmp_path):
+    federation(tmp_path / "run", {"federation.rounds": 1, "model.name": "mlp", "report.shap_rows": 20})
     config = tmp_path / "run" / "config.yaml"
     config.write_text(config.read_text().replace(str(quick_data), str(tmp_path / "elsewhere")))
     found = sections(build(tmp_path / "run").read_text())
@@ -52,10 +51,10 @@ def test_report_says_why_without_every_sites_data(quick_data, tmp_path):
     assert not (tmp_path / "run" / "pooled_reference.json").exists()
 
 
-def test_tensorboard_scalars_equal_metrics_json(quick_data, tmp_path):
+def test_tensorboard_scalars_equal_metrics_json(federation, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    metrics = federate(quick_data, tmp_path, {"federation.rounds": 2, "logging.tensorboard": True})
+    metrics = federation(tmp_path / "run", {"federation.rounds": 2, "logging.tensorboard": True})
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     for tag, get in [("central/macro_auc", lambda r: r["central"]["macro_auc"]),
                      ("site-1/auc_mitosis", lambda r: r["sites"]["site-1"]["auc"]["mitosis"]),
@@ -65,8 +64,8 @@ def test_tensorboard_scalars_equal_metrics_json(quick_data, tmp_path):
         assert np.allclose([v for _, v in logged], [get(r) for r in metrics["rounds"]], rtol=1e-6), tag
 
 
-def test_report_without_a_central_test_set_says_why(quick_data, tmp_path):
-    federate(quick_data, tmp_path, {"federation.rounds": 1, "server.eval_data": None, "report.shap_rows": 0})
+def test_report_without_a_central_test_set_says_why(federation, tmp_path):
+    federation(tmp_path / "run", {"federation.rounds": 1, "server.eval_data": None, "report.shap_rows": 0})
     found = sections(build(tmp_path / "run").read_text())
     for title in ("ROC curves", "Grad-CAM", "SHAP"):
         assert "no central test set" in found[title]

@@ -1,21 +1,17 @@
 """Secure aggregation (SecAgg+) through the real ServerApp and ClientApp, in process."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from client.app import app as client_app
 from client.secagg import UnsafeUpdate, check_update
-from server.app import app as server_app
 from shared import learner
-from shared.config import ConfigError, apply_overrides, load, run_envelope, task_of
+from shared.config import ConfigError, apply_overrides, load, task_of
 from shared.data import ehr_statistics, load_site, pooled_moments
 from simulations.cli import absolute_paths
-from simulations.inprocess import run_server
-from tests.helpers import rescored
+from tests.helpers import RESCORED_AUC, rescored
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,20 +23,15 @@ def secagg_config(quick_data, rounds=2, **changes):
                                  "server.eval_data": None, "privacy.secure_aggregation": True, **changes})
 
 
-def run(cfg, run_dir: Path) -> dict:
-    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=cfg.data.sites)
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def test_a_secagg_run_of_the_fusion_model_completes_two_rounds(quick_data, tmp_path, capsys):
+def test_a_secagg_run_of_the_fusion_model_completes_two_rounds(federation, quick_data, tmp_path, capsys):
     cfg = secagg_config(quick_data, **{"server.eval_data": "holdout"})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] and "stopped" not in metrics
     assert all(np.isfinite(r["train_loss"]) and len(r["sites"]) == 2 for r in metrics["rounds"])
     assert all("central" in r and "dropped" not in r for r in metrics["rounds"])
     again = rescored(tmp_path / "run", quick_data / "holdout")  # the saved model scores what the run reported
     assert metrics["final"]["source"] == "central"
-    assert metrics["final"]["macro_auc"] == pytest.approx(again["macro_auc"], abs=1e-6)
+    assert metrics["final"]["macro_auc"] == pytest.approx(again["macro_auc"], abs=RESCORED_AUC)
     settings = metrics["secure_aggregation"]
     sizes = [len(load_site(quick_data / f"site-{k}", cfg.data, cfg.seed + k, "patch")[0]) for k in range(2)]
     assert settings["max_weight"] == max(sizes) and settings["clipping_range"] == 8.0
@@ -50,9 +41,9 @@ def test_a_secagg_run_of_the_fusion_model_completes_two_rounds(quick_data, tmp_p
     assert f"max_weight {max(sizes)}" in out and "clipping range +-8" in out
 
 
-def test_the_secure_aggregate_is_fedavgs_within_the_quantisation_error(quick_data, tmp_path):
+def test_the_secure_aggregate_is_fedavgs_within_the_quantisation_error(federation, quick_data, tmp_path):
     cfg = secagg_config(quick_data, rounds=1)
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     aggregate = learner.load(cfg, tmp_path / "run")
 
     # The same round without SecAgg+: each site's update from the same first model and seed, FedAvg's weighted mean.
@@ -113,9 +104,9 @@ def test_secure_aggregation_refuses_what_it_cannot_sum(overrides, conflict):
     assert err.match(conflict)
 
 
-def test_local_dp_sites_mask_their_private_updates(quick_data, tmp_path):
+def test_local_dp_sites_mask_their_private_updates(federation, quick_data, tmp_path):
     cfg = secagg_config(quick_data, rounds=1, **{"privacy.mode": "local", "privacy.ledger_dir": str(tmp_path / "ledgers")})
-    metrics = run(cfg, tmp_path / "run")
+    metrics = federation(tmp_path / "run", cfg)
     assert "stopped" not in metrics and set(metrics["rounds"][0]["privacy"]) == {"site-0", "site-1"}
     assert all(0 < s["epsilon"] <= 8.0 for s in metrics["privacy"]["sites"].values())
     assert len(list((tmp_path / "ledgers").glob("ledger-*.json"))) == 2

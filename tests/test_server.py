@@ -1,6 +1,5 @@
 """ServerApp main, run in-process against the real ClientApp (no Ray, no SuperLink)."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,34 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.app import app as client_app
-from server.app import app as server_app
 from server.record import RunRecord
-from shared.config import load, run_envelope
-from simulations.cli import absolute_paths
-from simulations.inprocess import run_server
+from tests.helpers import quick_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("mitosis", "tumor", "non_tumor")
 
 
-def run(quick_data, tmp_path, holdout: bool, **data_changes) -> dict:
-    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, **data_changes),
-        train=dataclasses.replace(cfg.train, local_epochs=1),
-        federation=dataclasses.replace(cfg.federation, rounds=1),
-        report=dataclasses.replace(cfg.report, shap_rows=0),
-        server=dataclasses.replace(cfg.server, eval_data=str(quick_data / "holdout") if holdout else None),
-    )
-    run_dir = tmp_path / "run"
-    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
-    return json.loads((run_dir / "metrics.json").read_text())
+FUSION = {"model.name": "fusion", "federation.rounds": 1}  # one round of the fusion model, the EHR joined by pairing
 
 
-def test_without_a_server_test_set_final_is_the_federated_mean(quick_data, tmp_path):
-    metrics = run(quick_data, tmp_path, holdout=False)
+def test_without_a_server_test_set_final_is_the_federated_mean(federation, tmp_path):
+    metrics = federation(tmp_path / "run", {**FUSION, "server.eval_data": None})
     assert metrics["central_eval"] is None and metrics["pairing"] == "linked"
     last = metrics["rounds"][-1]
     assert "central" not in last and set(last["sites"]) == {"site-0", "site-1"}
@@ -45,8 +28,8 @@ def test_without_a_server_test_set_final_is_the_federated_mean(quick_data, tmp_p
     assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_by_label_pairing_reports_its_leakage(quick_data, tmp_path):
-    metrics = run(quick_data, tmp_path, holdout=True, pairing="by_label")
+def test_by_label_pairing_reports_its_leakage(federation, tmp_path):
+    metrics = federation(tmp_path / "run", {**FUSION, "data.pairing": "by_label"})
     assert metrics["pairing"] == "by_label"
     leak = metrics["leakage"]["ehr_only_macro_auc"]
     # The pairing put the label into the EHR: non-tumour patches got negative records.
@@ -74,7 +57,7 @@ def test_federated_mean_weights_sites_by_examples(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["final"]["n"] == 40
 
 
-def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
+def test_resnet18_batchnorm_with_local_pretrained_weights(federation, quick_data, tmp_path):
     import torch
     from torchvision.models import resnet18
 
@@ -83,18 +66,10 @@ def test_resnet18_batchnorm_with_local_pretrained_weights(quick_data, tmp_path):
 
     weights = tmp_path / "imagenet.pth"
     torch.save(resnet18().state_dict(), weights)
-    cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, root=str(quick_data), sites=2, patch_size=32),
-        model=dataclasses.replace(cfg.model, name="resnet18", resnet_norm="batch", pretrained=str(weights)),
-        train=dataclasses.replace(cfg.train, local_epochs=1),
-        federation=dataclasses.replace(cfg.federation, rounds=1),
-        server=dataclasses.replace(cfg.server, eval_data=None),
-    )
+    cfg = quick_config(quick_data, {"model.name": "resnet18", "model.resnet_norm": "batch",
+                                    "model.pretrained": str(weights), "federation.rounds": 1, "server.eval_data": None})
     run_dir = tmp_path / "run"
-    run_server(server_app, client_app, run_envelope(cfg, run_dir), num_nodes=2)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = federation(run_dir, cfg)
     assert metrics["pretrained"]["path"] == str(weights) and "fc.weight" in metrics["pretrained"]["not_loaded"]
     model = build_model(cfg.model, len(FEATURES), 3)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))  # BN buffers survived FedAvg

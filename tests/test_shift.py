@@ -11,7 +11,7 @@ from shared.brecahad import list_tiles, read_image
 from shared.config import apply_overrides, load
 from shared.data import load_folder
 from shared.train import make_batch
-from tests.helpers import CONFIG, federate
+from tests.helpers import CONFIG
 
 
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
@@ -37,8 +37,8 @@ def test_normalisation_moves_a_tiles_stain_statistics_toward_the_reference(quick
     assert np.mean(after_colour) < 0.5 * np.mean(before_colour), (before_colour, after_colour)
 
 
-def test_the_federated_reference_is_the_sites_average_and_reaches_every_patch(quick_data, tmp_path):
-    metrics = federate(quick_data, tmp_path, {"federation.rounds": 1, "data.stain_norm": "macenko",
+def test_the_federated_reference_is_the_sites_average_and_reaches_every_patch(federation, quick_data, tmp_path):
+    metrics = federation(tmp_path / "run", {"federation.rounds": 1, "data.stain_norm": "macenko",
                                               "data.stain_reference": "federated"})
     parts = [stain.site_statistics("macenko", (read_image(t.image) for t in list_tiles(quick_data / s / "BreCaHAD")))
              for s in ("site-0", "site-1")]
@@ -68,7 +68,7 @@ def test_augmentation_changes_training_batches_but_never_evaluation(quick_data):
     np.testing.assert_array_equal(first, learner.predict(off, weights, samples)[0])
 
 
-def test_under_fedbn_no_batch_norm_weight_leaves_a_site(quick_data, tmp_path, monkeypatch):
+def test_under_fedbn_no_batch_norm_weight_leaves_a_site(federation, tmp_path, monkeypatch):
     import simulations.inprocess as inprocess
 
     replies = []
@@ -82,7 +82,7 @@ def test_under_fedbn_no_batch_norm_weight_leaves_a_site(quick_data, tmp_path, mo
     monkeypatch.setattr(inprocess, "_transmitted", spy)
     changes = {"federation.rounds": 2, "model.cnn_norm": "batch", "federation.fedbn": True, "report.shap_rows": 20,
                "model.name": "fusion"}
-    metrics = federate(quick_data, tmp_path, changes)
+    metrics = federation(tmp_path / "run", changes)
     cfg = apply_overrides(load(CONFIG), changes)
     local = learner.bn_names(cfg)
     assert len(local) == 12  # 4 BatchNorm layers: running mean, variance and count each

@@ -7,7 +7,7 @@ import torch
 from shared import learner
 from shared.config import ConfigError, apply_overrides, load
 from shared.wire import compact, expand
-from tests.helpers import CONFIG, federate
+from tests.helpers import CONFIG
 
 
 def test_a_site_sends_its_trained_weights_in_half_the_bytes_and_the_server_restores_the_model():
@@ -28,11 +28,11 @@ def test_a_site_sends_its_trained_weights_in_half_the_bytes_and_the_server_resto
             np.testing.assert_array_equal(restored[k], v)
 
 
-def test_a_run_with_compact_uploads_tracks_the_full_precision_run(quick_data, tmp_path):
+def test_a_run_with_compact_uploads_tracks_the_full_precision_run(federation, tmp_path):
     models = {}
     for name, upload in [("full", {}), ("compact", {"federation.upload": "trainable",
                                                     "federation.upload_dtype": "float16"})]:
-        metrics = federate(quick_data, tmp_path / name, {"federation.rounds": 2, **upload})
+        metrics = federation(tmp_path / name / "run", {"federation.rounds": 2, **upload})
         assert [r["round"] for r in metrics["rounds"]] == [1, 2] and not any(r.get("failed") for r in metrics["rounds"])
         models[name] = torch.load(tmp_path / name / "run" / "model.pt", weights_only=True)
     assert set(models["full"]) == set(models["compact"])
