@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-.PHONY: demo test bench flwr-run lint clean
+.PHONY: demo test test-quick bench flwr-run lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
+
+# While editing: the tests not marked slow (no Flower process, no federation, nothing trained for long).
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-quick: pytest collected no tests"; fi; exit $$rc
 
 # Every benchmark at its quick size (bench/README.md), then one table of each figure against its target.
 bench: $(STAMP)

@@ -12,6 +12,16 @@ from shared.config import Config, run_envelope
 from simulations.synth import synth
 from tests.helpers import CONFIG, quick_config
 
+# Tests using these run federations or train models; with the e2e tests (real Flower processes) and those marked by
+# hand (more than about 5 s on 2 cores) they are ``slow``: `make test` runs every test, `make test-quick` the others.
+SLOW_FIXTURES = {"federation", "quick_paper", "quick_weights", "tiny"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("e2e") or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def quick_data(tmp_path_factory) -> Path:

@@ -41,6 +41,7 @@ def test_matrix_row_scores_each_site_and_the_pooled_split():
         assert row[name]["macro_auc"] == pytest.approx(expected) and 0.5 < expected < 1
 
 
+@pytest.mark.slow
 def test_bootstrap_resamples_patients_and_brackets_the_estimate():
     s = site(0, 60)
     probs = oracle(s)

@@ -25,6 +25,7 @@ def trained(quick_data, **changes):
     return cfg, weights, test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["cnn", "fusion"])
 def test_gradcam_maps_have_the_patch_size_vary_and_depend_on_the_class(quick_data, model):
     cfg, weights, test = trained(quick_data, **{"model.name": model})
@@ -46,6 +47,7 @@ def query(folder: Path, cfg, weights, index: int) -> Message:
     return client_app(Message(RecordDict({"arrays": to_record(weights)}), metadata=md), context)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["fusion", "xgboost"])
 def test_federated_shap_equals_pooled_and_only_aggregates_leave_a_site(quick_data, model):
     changes = {"report.shap_rows": 10_000, "data.test_fraction": 0.1}  # one test case a site: small, unequal

@@ -112,6 +112,7 @@ def test_epsilon_is_bounded_in_time_for_extreme_noise():
     assert privacy.epsilon([(1.0, 0.5, 0)], DELTA) == opacus_after([]) == 0  # no step releases nothing
 
 
+@pytest.mark.slow
 def test_the_ledger_is_opacus_accountant_across_changes_of_noise_and_sample_rate(tmp_path):
     """Rounds at the same noise and rate merge; a change starts a new entry and forgets nothing before it."""
     ledger = privacy.Ledger(tmp_path, samples(), PrivacyConfig(mode="local"), "site-0")

@@ -14,6 +14,7 @@ from simulations.loso import run_loso
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_each_site_is_scored_by_a_model_it_never_trained(quick_data, tmp_path):
     cfg = absolute_paths(load(ROOT / "configs/quickstart.yaml"))
     cfg = dataclasses.replace(

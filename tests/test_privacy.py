@@ -321,6 +321,7 @@ def test_audit_split_holds_out_whole_units_at_random():
     assert np.array_equal(again.cases, others.cases)  # the sweep finds the same non-members as the sites
 
 
+@pytest.mark.slow
 def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_path):
     cfg = absolute_paths(apply_overrides(load(ROOT / "configs/quickstart.yaml"), {
         "data.root": str(quick_data), "data.sites": 2, "train.steps": 2, "federation.rounds": 2}))
@@ -330,8 +331,17 @@ def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_p
     rows = [line.split(",") for line in (tmp_path / "sweep" / "privacy_sweep.csv").read_text().splitlines()[1:]]
     assert [r[0] for r in rows] == ["2", "inf"]
     for target, _, spent, macro, _focus, attack in rows:
-        assert 0 <= float(attack) <= 1 and 0 <= float(macro) <= 1
         assert float(spent) <= 2.0 if target == "2" else math.isinf(float(spent))
+        run_dir = tmp_path / "sweep" / f"eps-{target}-seed-0"
+        assert float(macro) == json.loads((run_dir / "metrics.json").read_text())["final"]["macro_auc"]
+        point = load(run_dir / "config.yaml")  # the attack again, on the saved model: each site's own audit split
+        weights, attacks = learner.load(point, run_dir), []
+        for k in range(2):
+            train, _ = load_site(quick_data / f"site-{k}", point.data, k, task_of(point))
+            members, others = privacy.audit_split(train, point.privacy.audit_fraction, k, point.privacy.unit)
+            attacks.append(membership_auc(learner.predict(point, weights, members)[0], members.labels,
+                                          learner.predict(point, weights, others)[0], others.labels))
+        assert float(attack) == pytest.approx(np.mean(attacks), abs=1e-9) and point.privacy.audit_fraction > 0
     png = tmp_path / "sweep" / "privacy_sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "sweep" / "ledgers").iterdir()) == ["eps-2-seed-0"]

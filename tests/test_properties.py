@@ -128,6 +128,7 @@ def _same(a: pd.Series, b: pd.Series) -> bool:
 cells = st.text(max_size=12) | st.sampled_from(["", "nan", "-1", "1e309", "2150-13-45", "9" * 30, "F", "C50911"])
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), value=cells)
 def test_one_bad_cell_in_a_mimic_table_never_changes_another_patient(tmp_path, mimic_tables, data, value):

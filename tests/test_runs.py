@@ -285,6 +285,7 @@ def test_force_never_replaces_a_ledger_folder_named_relative_to_the_data(tmp_pat
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_synth_force_keeps_the_privacy_ledgers(tmp_path, capsys):
     """The same seed makes the same patients: what they spent stays, at the root and in a site folder alike."""
     out = tmp_path / "data"
