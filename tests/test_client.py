@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 
 from client.app import app
 from shared.config import flatten, load
+from shared.data import load_site
 from shared.mimic import FEATURES
 from shared.models import build_model
 from shared.serde import flatten_metrics
@@ -65,12 +66,15 @@ def test_evaluate_replies_with_the_fixed_metric_keys(context):
     assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / metrics["num-examples"])
 
 
-def test_query_shares_only_feature_sums(context):
+def test_query_shares_only_feature_sums(context, quick_data):
     reply = app(message(RecordDict(), "query.ehr_stats"), context)
     stats = reply.content["stats"]
-    assert len(stats["sum"]) == len(FEATURES) and len(stats["sumsq"]) == len(FEATURES)
-    assert reply.content["site"]["name"] == "site-1"
-    assert np.all(np.asarray(stats["count"]) <= np.asarray(stats["count"]).max())
+    assert set(stats) == {"count", "sum", "sumsq"} and reply.content["site"]["name"] == "site-1"
+    cfg = load(ROOT / "configs/quickstart.yaml")  # the site's own training rows, summed here over what is observed
+    ehr = load_site(quick_data / "site-1", cfg.data, cfg.seed + 1, "patch")[0].ehr.astype(np.float64)
+    assert list(stats["count"]) == (~np.isnan(ehr)).sum(0).tolist() and len(stats["count"]) == len(FEATURES)
+    np.testing.assert_allclose(stats["sum"], np.nansum(ehr, 0), rtol=1e-12)
+    np.testing.assert_allclose(stats["sumsq"], np.nansum(ehr**2, 0), rtol=1e-12)
 
 
 def test_deployment_reads_the_data_dir_from_node_config(context, quick_data):

@@ -28,6 +28,7 @@ from shared.config import (
     ConfigError,
     apply_overrides,
     flat_keys,
+    flatten,
     from_dict,
     load,
     to_dict,
@@ -171,7 +172,12 @@ def test_config_loader_builds_or_names_the_key(raw):
     except ConfigError as err:
         assert str(err).startswith("test.yaml")
         return
-    assert cfg.federation.rounds >= 1 and cfg.data.sites >= 1
+    assert from_dict(to_dict(cfg), "again") == cfg  # what was accepted is written back and read the same
+    given = {f"{section}.{key}": value for section, keys in raw.items() if isinstance(keys, dict)
+             for key, value in keys.items() if isinstance(value, (bool, int, float, str))}
+    given.update({key: value for key, value in raw.items() if isinstance(value, (bool, int, float, str))})
+    flat = flatten(cfg)
+    assert all(flat[key] == value for key, value in given.items()), (given, flat)  # kept as written, never altered
 
 
 @FAST
