@@ -30,7 +30,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from server import checkpoint, secagg
 from server.loop import AdmittedGrid, Declared, TooFewSites, as_count, central_evaluation, run_rounds
-from server.record import RunRecord, run_name
+from server.record import RunRecord, run_header, run_name
 from server.strategy import BudgetSpent, build_strategy, site_error
 from shared import explain, learner, stain
 from shared.config import (
@@ -43,7 +43,7 @@ from shared.config import (
     task_of,
 )
 from shared.data import Samples, load_folder, pooled_moments
-from shared.metrics import ehr_only_auc, focus_class
+from shared.metrics import focus_class
 from shared.mimic import FEATURES
 from shared.wire import STAIN_REFERENCE, from_record, to_record
 
@@ -264,51 +264,6 @@ def _holdout(cfg: Config, message_config: dict) -> tuple[Samples | None, Path | 
     return load_folder(eval_path, cfg.data, cfg.seed, task_of(cfg), message_config.get(STAIN_REFERENCE)), eval_path
 
 
-def _privacy_header(cfg: Config) -> dict | None:
-    """What metrics.json says of the run's differential privacy (None without)."""
-    p = cfg.privacy
-    if p.mode == "local":
-        return {
-            "mode": p.mode, "unit": p.unit, "delta": p.delta, "target_epsilon": p.epsilon,
-            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
-            "note": "epsilon: cumulative in each site's ledger (all runs on that data), for one "
-                    f"{p.unit}; epsilon_patient / delta_patient: the guarantee for a whole patient "
-                    + ("(the same: a unit is a patient)" if p.unit == "patient" else
-                       "(group privacy over the site's most patches of one patient)"),
-            "sites": {},
-        }
-    if p.mode == "central":
-        return {
-            "mode": p.mode, "unit": "site", "delta": p.delta, "target_epsilon": p.epsilon,
-            "clipping": p.clipping, "clip_norm": p.clip_norm,
-            "note": "epsilon: for a whole site's contribution to this run (Flower's RDP accountant, FedAvg with "
-                    "equal site weights, every site every round, no amplification by sampling)",
-            "central": None,
-        }
-    return None
-
-
-def _header(cfg: Config, names: dict[int, str], pretrained: dict | None, holdout: Samples | None,
-            eval_path: Path | None, stain_header: dict | None) -> dict:
-    """metrics.json's description of the run, before its rounds."""
-    classes = classes_of(cfg)
-    header = {
-        "name": cfg.name, "model": cfg.model.name, "task": task_of(cfg), "pairing": cfg.data.pairing,
-        "classes": list(classes),
-        "data_root": cfg.data.root, "sites": sorted(names.values()),
-        "pretrained": pretrained or "none: weights initialised at random",
-        "central_eval": str(eval_path) if holdout is not None else None,
-        **({"stain": stain_header} if stain_header else {}),
-    }
-    if cfg.data.pairing == "by_label" and task_of(cfg) == "patch":
-        header["leakage"] = {
-            "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
-            "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
-        }
-    privacy = _privacy_header(cfg)
-    return {**header, "privacy": privacy} if privacy is not None else header
-
-
 def _announce(cfg: Config, names: dict[int, str], holdout: Samples | None, pretrained: dict | None,
               resumed: dict | None, run_dir: Path) -> None:
     """The run's first lines on screen: where it resumes or what it starts from, its sites and model."""
@@ -370,7 +325,7 @@ def main(grid: Grid, context: Context) -> None:
     weights, pretrained = learner.initial_weights(cfg, *pooled_moments(sums))
     stain_header, message_config, left_stain = _stain(grid, names, cfg)
     holdout, eval_path = _holdout(cfg, message_config)
-    record = RunRecord(run_dir, classes_of(cfg), _header(cfg, names, pretrained, holdout, eval_path, stain_header),
+    record = RunRecord(run_dir, classes_of(cfg), run_header(cfg, names, pretrained, holdout, eval_path, stain_header),
                        cfg.logging.tensorboard)
     if resumed:
         record.data, weights = resumed["record"], resumed["arrays"]

@@ -1,4 +1,5 @@
-"""What a run leaves behind: ``metrics.json`` written after every round, one printed line a round."""
+"""What a run leaves behind: ``metrics.json`` (the run's header, then written after every round), one printed line a
+round."""
 
 from __future__ import annotations
 
@@ -7,13 +8,60 @@ from datetime import datetime
 from pathlib import Path
 
 from shared.cache import write_json
-from shared.metrics import focus_class, weighted_mean
+from shared.config import Config, classes_of, task_of
+from shared.data import Samples
+from shared.metrics import ehr_only_auc, focus_class, weighted_mean
 from shared.serde import FLAT_KEYS as SCALARS
 
 
 def run_name(name: str) -> str:
     """``<name>-<timestamp>``: the default folder name of a run."""
     return f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def privacy_header(cfg: Config) -> dict | None:
+    """What metrics.json says of the run's differential privacy (None without)."""
+    p = cfg.privacy
+    if p.mode == "local":
+        return {
+            "mode": p.mode, "unit": p.unit, "delta": p.delta, "target_epsilon": p.epsilon,
+            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+            "note": "epsilon: cumulative in each site's ledger (all runs on that data), for one "
+                    f"{p.unit}; epsilon_patient / delta_patient: the guarantee for a whole patient "
+                    + ("(the same: a unit is a patient)" if p.unit == "patient" else
+                       "(group privacy over the site's most patches of one patient)"),
+            "sites": {},
+        }
+    if p.mode == "central":
+        return {
+            "mode": p.mode, "unit": "site", "delta": p.delta, "target_epsilon": p.epsilon,
+            "clipping": p.clipping, "clip_norm": p.clip_norm,
+            "note": "epsilon: for a whole site's contribution to this run (Flower's RDP accountant, FedAvg with "
+                    "equal site weights, every site every round, no amplification by sampling)",
+            "central": None,
+        }
+    return None
+
+
+def run_header(cfg: Config, names: dict[int, str], pretrained: dict | None, holdout: Samples | None,
+            eval_path: Path | None, stain_header: dict | None) -> dict:
+    """metrics.json's description of the run, before its rounds."""
+    classes = classes_of(cfg)
+    header = {
+        "name": cfg.name, "model": cfg.model.name, "task": task_of(cfg), "pairing": cfg.data.pairing,
+        "classes": list(classes),
+        "data_root": cfg.data.root, "sites": sorted(names.values()),
+        "pretrained": pretrained or "none: weights initialised at random",
+        "central_eval": str(eval_path) if holdout is not None else None,
+        **({"stain": stain_header} if stain_header else {}),
+    }
+    if cfg.data.pairing == "by_label" and task_of(cfg) == "patch":
+        header["leakage"] = {
+            "note": "by_label pairing: EHR rows were chosen by the patch class, so the EHR alone predicts it",
+            "ehr_only_macro_auc": ehr_only_auc(holdout, classes) if holdout is not None else None,
+        }
+    privacy = privacy_header(cfg)
+    return {**header, "privacy": privacy} if privacy is not None else header
 
 
 def federated_mean(sites: dict[str, dict], classes: tuple[str, ...]) -> dict:
