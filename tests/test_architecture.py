@@ -8,6 +8,7 @@ in a function still ties the two modules together).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +148,15 @@ def test_no_function_is_longer_than_the_style_guide_allows(tmp_path):
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "app.py").write_text("def main():\n" + "    x = 1\n" * 40)
     assert long_functions(tmp_path) == ["server/app.py:1 main: 41 lines (at most 40)"]
+
+
+def test_the_documented_round_names_at_most_eight_files_and_their_functions_exist():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    steps = text.split("## One round, file by file", 1)[1].split("\nOnce, before round 1", 1)[0]
+    files = set(re.findall(r"`([\w/]+\.py)`", steps))
+    assert 5 <= len(files) <= 8, sorted(files)
+    named = re.findall(r"`([\w/]+\.py)` `(\w+)`", steps)
+    assert len(named) >= 6
+    for path, name in named:  # each function the page names is defined in the file it names
+        tree = ast.parse((ROOT / path).read_text())
+        assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, f"{path} has no {name}"
