@@ -305,6 +305,9 @@ class PrivacyConfig:
     ledger_dir: str | None = path_field(None)
     # share of each site's training units kept out of training (membership audit)
     audit_fraction: float = bounded(0.0, lambda v: 0 <= v < 1, "in [0, 1)")
+    # the one-run audit (shared/audit.py): training samples a site turns into canaries (a wrong label each), each
+    # trained on with probability one half; 0: none
+    canaries: int = between(0, 0, 100_000)
     # SecAgg+ (Flower's legacy API, FedAvg only; server/secagg.py): the server learns only the sum of the sites' updates
     secure_aggregation: bool = False
     # secure_aggregation: every trained weight must lie in [-this, this]

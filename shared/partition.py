@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.audit import audited
 from shared.config import Config, DataConfig
 from shared.data import Samples, load_pooled, load_site, split
-from shared.privacy import audit_split
 
 SCHEMES = ("iid", "dirichlet", "quantity")  # natural needs no dealing: a site is a folder
 
@@ -112,7 +112,8 @@ def site_samples(cfg: Config, node_config: Mapping[str, object], task: str,
     * simulation: ``partition-id`` k holds ``<data.root>/site-<k>`` in order, skipping ``data.leave_out``
       (``natural``), or the k-th group of cases re-dealt from them all.
 
-    With ``privacy.audit_fraction``, the membership audit's non-members are taken out of training here.
+    With ``privacy.audit_fraction``, the membership audit's non-members are taken out of training here; with
+    ``privacy.canaries``, the one-run audit's canaries are planted here (``shared.audit.canaries``).
     """
     if "data-dir" in node_config:
         folder = Path(str(node_config["data-dir"]))
@@ -127,9 +128,7 @@ def site_samples(cfg: Config, node_config: Mapping[str, object], task: str,
         index = int(node_config["partition-id"])
         name = f"{cfg.data.partition}-{index}"
         train, test = load_partition(Path(cfg.data.root), cfg.data, index, cfg.seed, task, stain_reference)
-    if cfg.privacy.audit_fraction > 0:  # the audit's non-members never reach training
-        train, _ = audit_split(train, cfg.privacy.audit_fraction, cfg.seed + index, cfg.privacy.unit)
-    return index, name, train, test
+    return index, name, audited(cfg, index, train).train, test
 
 
 def images_folder(cfg: Config, node_config: Mapping[str, object]) -> Path:

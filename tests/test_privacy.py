@@ -15,6 +15,7 @@ from client.app import app as client_app
 from server.app import app as server_app
 from server.strategy import central_accountant, central_noise
 from shared import learner, privacy
+from shared.audit import audited
 from shared.config import ConfigError, ModelConfig, PrivacyConfig, apply_overrides, load, task_of
 from shared.data import Samples, load_site
 from shared.mimic import FEATURES
@@ -330,8 +331,9 @@ def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_p
     assert "| 2 |" in text and "∞ (no DP)" in text
     rows = [line.split(",") for line in (tmp_path / "sweep" / "privacy_sweep.csv").read_text().splitlines()[1:]]
     assert [r[0] for r in rows] == ["2", "inf"]
-    for target, _, spent, macro, _focus, attack in rows:
+    for target, _, spent, macro, _focus, attack, bound in rows:
         assert float(spent) <= 2.0 if target == "2" else math.isinf(float(spent))
+        assert float(bound) <= float(spent)  # what the canaries prove never passes what the accountant allows
         run_dir = tmp_path / "sweep" / f"eps-{target}-seed-0"
         assert float(macro) == json.loads((run_dir / "metrics.json").read_text())["final"]["macro_auc"]
         point = load(run_dir / "config.yaml")  # the attack again, on the saved model: each site's own audit split
@@ -339,9 +341,12 @@ def test_privacy_sweep_quick_writes_table_plot_and_attack_aucs(quick_data, tmp_p
         for k in range(2):
             train, _ = load_site(quick_data / f"site-{k}", point.data, k, task_of(point))
             members, others = privacy.audit_split(train, point.privacy.audit_fraction, k, point.privacy.unit)
-            attacks.append(membership_auc(learner.predict(point, weights, members)[0], members.labels,
+            site = audited(point, k, train)  # the canaries come out of the members: the attack's members are the rest
+            assert len(site.members) + len(site.canaries) == len(members) and len(site.others) == len(others)
+            attacks.append(membership_auc(learner.predict(point, weights, site.members)[0], site.members.labels,
                                           learner.predict(point, weights, others)[0], others.labels))
         assert float(attack) == pytest.approx(np.mean(attacks), abs=1e-9) and point.privacy.audit_fraction > 0
+        assert point.privacy.canaries == 100
     png = tmp_path / "sweep" / "privacy_sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "sweep" / "ledgers").iterdir()) == ["eps-2-seed-0"]
