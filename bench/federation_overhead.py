@@ -52,7 +52,7 @@ from client import app as client_app
 from server import checkpoint
 from shared import learner
 from shared.config import classes_of, eval_data_path, task_of
-from shared.data import ehr_statistics, load_folder, load_site, pooled_moments
+from shared.data import ehr_statistics, load_folder, load_sites, pooled_moments
 from shared.evaluation import bootstrap_ci
 from shared.metrics import classification_metrics
 from simulations import inprocess
@@ -89,7 +89,7 @@ def plain(cfg) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(cfg.train.threads)  # as each site sets it
     task, classes, rounds = task_of(cfg), classes_of(cfg), cfg.federation.rounds
-    sites = [load_site(Path(cfg.data.root) / f"site-{k}", cfg.data, cfg.seed + k, task) for k in range(cfg.data.sites)]
+    sites = load_sites(cfg.data, cfg.seed, task)
     holdout = load_folder(eval_data_path(cfg), cfg.data, cfg.seed, task)
     weights, _ = learner.initial_weights(cfg, *pooled_moments([ehr_statistics(train.ehr) for train, _ in sites]))
     ends, central = [], {}

@@ -193,6 +193,12 @@ def load_site(folder: Path, cfg: DataConfig, seed: int, task: str = "patch",
     return split(load_folder(folder, cfg, seed, task, stain_reference), cfg, seed)
 
 
+def load_sites(cfg: DataConfig, seed: int, task: str = "patch") -> list[tuple[Samples, Samples]]:
+    """Every simulated site's (train, test), ``<root>/site-<k>`` for k < ``sites``, each split with seed + k as the
+    site itself does (``shared.partition.site_samples``)."""
+    return [load_site(Path(cfg.root) / f"site-{k}", cfg, seed + k, task) for k in range(cfg.sites)]
+
+
 def load_pooled(root: Path, cfg: DataConfig, seed: int, task: str = "patch",
                 stain_reference: list[float] | None = None) -> Samples:
     """Every ``site-<k>`` folder under ``root`` in one set; cases named ``site-<k>/Case_<c>`` stay distinct."""

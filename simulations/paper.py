@@ -46,7 +46,7 @@ from shared.config import (
     task_of,
     to_dict,
 )
-from shared.data import concat, load_site
+from shared.data import concat, load_sites
 from shared.evaluation import matrix_row
 from shared.metrics import focus_class
 from shared.pretrain import sha256_of
@@ -176,12 +176,10 @@ def row_config(base: Config, paper: PaperConfig, row: str, seed: int) -> Config:
 def run_cell(cfg: Config, paper: PaperConfig, row: str, mode: str, work: Path) -> dict:
     """Train one (row, seed, mode) and return its evaluation-matrix rows."""
     task, classes = task_of(cfg), classes_of(cfg)
-    root = Path(cfg.data.root)
-    sites = [f"site-{k}" for k in range(cfg.data.sites)]
-    splits = {s: load_site(root / s, cfg.data, cfg.seed + k, task) for k, s in enumerate(sites)}
+    splits = {f"site-{k}": parts for k, parts in enumerate(load_sites(cfg.data, cfg.seed, task))}
     tests = {s: test for s, (_, test) in splits.items()}
     budget = _budget(cfg, paper, row)
-    k = len(sites)
+    k = len(splits)
 
     def scored(weights):
         return matrix_row(lambda samples: learner.predict(cfg, weights, samples)[0], tests, classes,

@@ -30,7 +30,7 @@ import torch
 from shared import learner
 from shared.config import Config, ConfigError, classes_of, task_of, to_dict
 from shared.contrastive import simclr
-from shared.data import concat, load_site
+from shared.data import concat, load_sites
 from shared.metrics import classification_metrics
 from shared.models import image_encoder, image_encoders
 from shared.pretrain import provenance_path, write_weights
@@ -84,7 +84,7 @@ def run_pretrain(base: Config, settings: PretrainConfig, echo=print) -> tuple[Pa
     started = time.time()
     task, classes = task_of(base), classes_of(base)
     root = Path(base.data.root)
-    splits = [load_site(root / f"site-{k}", base.data, base.seed + k, task) for k in range(base.data.sites)]
+    splits = load_sites(base.data, base.seed, task)
     train, test = concat([tr for tr, _ in splits]), concat([te for _, te in splits])
     echo(f"pretrain {base.model.name} ({settings.method}) on {root}: {len(train)} training patches, "
          f"{len(test)} test patches, {settings.steps} steps")

@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 from shared import learner
 from shared.audit import audited, epsilon_lower_bound, guess
 from shared.config import Config, classes_of, task_of
-from shared.data import concat, load_site
+from shared.data import concat, load_sites
 from shared.metrics import focus_class, sample_losses
 from simulations.flower import federate
 
@@ -74,8 +74,7 @@ def _audits(cfg: Config, weights: dict) -> tuple[float, float]:
     """The attack's AUC averaged over the sites (each site audits its own members and non-members), and the
     canaries' epsilon lower bound over every site's canaries together."""
     aucs, pools, drawn = [], [], []
-    for k in range(cfg.data.sites):
-        train, _ = load_site(Path(cfg.data.root) / f"site-{k}", cfg.data, cfg.seed + k, task_of(cfg))
+    for k, (train, _) in enumerate(load_sites(cfg.data, cfg.seed, task_of(cfg))):
         site = audited(cfg, k, train)
         aucs.append(membership_auc(learner.predict(cfg, weights, site.members)[0], site.members.labels,
                                    learner.predict(cfg, weights, site.others)[0], site.others.labels))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import Config, classes_of, task_of
-from shared.data import concat, load_site
+from shared.data import concat, load_sites
 from shared.metrics import ehr_only_auc
 from simulations.paper import PaperConfig, cached_cell, check_weights, data_fingerprint, row_config
 
@@ -41,8 +41,8 @@ def leakage(base: Config, seed: int) -> float:
     """Macro AUC of the patch class from the EHR alone under by-label pairing, cross-validated by case."""
     cfg = _with(dataclasses.replace(base, seed=seed), "case", "by_label")
     task = task_of(cfg)
-    parts = [load_site(Path(cfg.data.root) / f"site-{k}", cfg.data, seed + k, task) for k in range(cfg.data.sites)]
-    samples = concat([s.prefixed(f"site-{k}") for k, (train, test) in enumerate(parts) for s in (train, test)])
+    samples = concat([s.prefixed(f"site-{k}") for k, (train, test) in enumerate(load_sites(cfg.data, seed, task))
+                      for s in (train, test)])
     return ehr_only_auc(samples, classes_of(cfg))
 
 
