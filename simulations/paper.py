@@ -138,7 +138,7 @@ def load_paper(path: Path, quick: bool, models: tuple[str, ...] | None = None, p
             row_config(base, paper, row, 0)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    missing = [m for m in wanted if _budget(base, paper, m) is None]
+    missing = [m for m in wanted if _budget(paper, m) is None]
     if missing:
         raise ConfigError(f"{path}: paper.budgets has no entry for {', '.join(missing)} (nor for its model)")
     return base, paper
@@ -147,8 +147,9 @@ def load_paper(path: Path, quick: bool, models: tuple[str, ...] | None = None, p
 NAME = re.compile(r"[A-Za-z0-9_-]{1,60}")
 
 
-def _budget(base: Config, paper: PaperConfig, row: str) -> int | None:
-    return paper.budgets.get(row, paper.budgets.get(row_config(base, paper, row, 0).model.name))
+def _budget(paper: PaperConfig, row: str) -> int | None:
+    """A row's optimiser steps: its own budget, else its model's (a variant's ``model.name``, else the row)."""
+    return paper.budgets.get(row, paper.budgets.get(paper.variants.get(row, {}).get("model.name", row)))
 
 
 def row_config(base: Config, paper: PaperConfig, row: str, seed: int) -> Config:
@@ -178,7 +179,7 @@ def run_cell(cfg: Config, paper: PaperConfig, row: str, mode: str, work: Path) -
     task, classes = task_of(cfg), classes_of(cfg)
     splits = {f"site-{k}": parts for k, parts in enumerate(load_sites(cfg.data, cfg.seed, task))}
     tests = {s: test for s, (_, test) in splits.items()}
-    budget = _budget(cfg, paper, row)
+    budget = _budget(paper, row)
     k = len(splits)
 
     def scored(weights):
@@ -204,7 +205,7 @@ def run_cell(cfg: Config, paper: PaperConfig, row: str, mode: str, work: Path) -
 
 def _key(cfg: Config, paper: PaperConfig, row: str, mode: str, data: str) -> str:
     weights = sha256_of(Path(cfg.model.pretrained)) if cfg.model.pretrained else None
-    blob = json.dumps({"cfg": to_dict(cfg), "data": data, "mode": mode, "budget": _budget(cfg, paper, row),
+    blob = json.dumps({"cfg": to_dict(cfg), "data": data, "mode": mode, "budget": _budget(paper, row),
                        "weights": weights,
                        "rounds": paper.rounds, "engine": paper.engine, "bootstrap": paper.bootstrap},
                       sort_keys=True)
@@ -319,7 +320,7 @@ def write_table(base: Config, paper: PaperConfig, results: dict, out: Path) -> P
             f"{base.model.pretrained or 'none (random initialisation)'}"
             + "".join(f"; {d}" for d in described)
             + ". Budget, in optimiser steps summed over sites (trees for XGBoost), equal across modes: "
-            + ", ".join(f"{m} {_budget(base, paper, m)}" for m in paper.models)
+            + ", ".join(f"{m} {_budget(paper, m)}" for m in paper.models)
             + f"; federated: {paper.rounds} rounds (XGBoost: budget / sites rounds of one tree per site), "
             f"engine {paper.engine}.\n")
     table = out / "paper_table.md"
