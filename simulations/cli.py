@@ -620,8 +620,8 @@ def _experiment_commands(sub) -> None:
     pp.add_argument("--quick", action="store_true", help="a small version (the config's quick section)")
     pp.set_defaults(func=_paper)
 
-    sw = sub.add_parser("privacy-sweep", help="local DP at several epsilons: AUC and membership-attack AUC, a table "
-                        "and a plot")
+    sw = sub.add_parser("privacy-sweep", help="local DP at several epsilons: AUC, membership-attack AUC and the "
+                        "canary audit's epsilon lower bound (privacy.canaries a site, 100 if unset), a table and a plot")
     sw.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     sw.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons per site; inf: no DP (default 1,3,8,inf)")
     sw.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
