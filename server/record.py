@@ -44,7 +44,7 @@ def privacy_header(cfg: Config) -> dict | None:
 
 
 def run_header(cfg: Config, names: dict[int, str], pretrained: dict | None, holdout: Samples | None,
-            eval_path: Path | None, stain_header: dict | None) -> dict:
+               eval_path: Path | None, stain_header: dict | None) -> dict:
     """metrics.json's description of the run, before its rounds."""
     classes = classes_of(cfg)
     header = {

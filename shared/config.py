@@ -666,7 +666,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return from_dict(raw, "overrides")
 
 
-@functools.cache  # the dataclasses never change: apps parse the config on every message
+@functools.cache  # the dataclasses never change: every override, flatten and run config reads this
 def _flat_hints(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, tp in typing.get_type_hints(cls).items():
